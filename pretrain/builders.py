@@ -1,0 +1,92 @@
+"""Assemble the parts of a run (model, engine, data streams, tracker, callbacks, trainer)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+from pretrain.callbacks.checkpointing import CheckpointCallback
+from pretrain.callbacks.evaluation import EvalCallback
+from pretrain.callbacks.metrics import MetricsLogger
+from pretrain.callbacks.preemption import PreemptionCallback
+from pretrain.checkpoint import Checkpointer
+from pretrain.config import Config
+from pretrain.data.loader import StreamSpec, make_loader
+from pretrain.data.manifest import Manifest
+from pretrain.dist import Dist
+from pretrain.engine import build_engine
+from pretrain.model import GPT, count_parameters
+from pretrain.model.flops import flops_per_token, peak_flops
+from pretrain.tracking import Tracker
+from pretrain.trainer import Trainer
+
+
+@dataclass
+class Run:
+    engine: Any
+    trainer: Trainer
+    tracker: Tracker
+    checkpointer: Checkpointer
+
+
+def data_spec(cfg: Config, dist: Dist, manifest: Manifest, split: str, start: int) -> StreamSpec:
+    return StreamSpec(manifest=manifest, split=split, start=start,
+                      micro_batch_size=cfg.trainer.micro_batch_size, dp=dist.dp,
+                      dp_rank=dist.dp_rank, seed=cfg.data.seed,
+                      window_shards=cfg.data.shuffle_window_shards,
+                      shuffle=cfg.data.shuffle and split == "train",
+                      max_bad_shards=cfg.data.max_bad_shards)
+
+
+def build_run(cfg: Config, dist: Dist, manifest: Manifest, vocab: int, run_dir: Path,
+              hooks: Dict[str, Any]) -> Run:
+    layout = cfg.layout(dist.world_size)
+    padded = cfg.model.padded_vocab_size(dist.tp, vocab)
+    model = GPT(cfg.model, padded, dist.tp, dist.device_type).to(dist.device)
+    n_params = count_parameters(model)
+    if cfg.trainer.compile:
+        model = torch.compile(model)
+    engine = build_engine(model, cfg, dist)
+    tracker = Tracker(run_dir, cfg.logger, cfg.to_dict(), enabled=dist.is_main,
+                      run_name=cfg.run.name or run_dir.name)
+    tracker.update_config({"params_per_tp_rank": n_params, "padded_vocab_size": padded,
+                           "world_size": dist.world_size, **layout})
+    checkpointer = Checkpointer(run_dir / "checkpoints", dist, cfg.trainer.keep_last)
+    pin = dist.device_type == "cuda"
+    train_split = manifest.split("train")
+
+    def make_batches(consumed: int):
+        spec = data_spec(cfg, dist, manifest, "train", consumed)
+        return make_loader(spec, cfg.data.num_workers, pin, cfg.data.prefetch_factor)
+
+    def make_val_batches():
+        spec = data_spec(cfg, dist, manifest, "val", 0)
+        return make_loader(spec, 0, pin, limit=cfg.trainer.eval_batches)
+
+    device_name = torch.cuda.get_device_name(dist.device) if dist.device_type == "cuda" else None
+    callbacks = [
+        PreemptionCallback(),
+        MetricsLogger(tracker, cfg.trainer.log_every,
+                      flops_per_token(cfg.model, padded, manifest.seq_len),
+                      peak_flops(device_name), train_split.samples, cfg.trainer.progress_bar),
+    ]
+    if cfg.trainer.eval_every and "val" in manifest.splits and manifest.split("val").samples > 0:
+        callbacks.append(EvalCallback(cfg.trainer.eval_every, make_val_batches, tracker))
+    extra_files = {"config.yaml": run_dir / "config.yaml", "data.yaml": run_dir / "data.yaml",
+                   "tokenizer.json": Path(manifest.tokenizer_path)}
+    trainer = Trainer(engine, dist, cfg.trainer.max_steps, layout["micro_batch_size"],
+                      layout["grad_accum"], manifest.seq_len, make_batches, callbacks)
+
+    def client_state(tr: Trainer) -> Dict[str, Any]:
+        return {"trainer_state": tr.state_dict(), "wandb_id": tracker.run_id,
+                "data": {"consumed_samples": tr.state.consumed_samples,
+                         "fingerprint": manifest.fingerprint}}
+
+    callbacks.append(CheckpointCallback(checkpointer, cfg.trainer.checkpoint_every,
+                                        cfg.trainer.checkpoint_every_min, client_state, extra_files))
+    for hook in hooks.get("callbacks", []):
+        callbacks.insert(-1, hook)
+    return Run(engine, trainer, tracker, checkpointer)

@@ -1,0 +1,173 @@
+"""Atomic, discoverable checkpoints of the DeepSpeed engine plus everything else a run needs.
+
+Layout of `RUN_DIR/checkpoints/`:
+    step_00000100/            one committed checkpoint (DeepSpeed files, trainer.json, rng_*.pt,
+                              config.yaml, tokenizer.json, COMMITTED)
+    step_00000200.tmp/        a save in progress (or one that crashed): never loaded, removed at start
+    latest                    the name of the newest committed checkpoint (replaced atomically)
+
+A save writes into `<name>.tmp`; after every rank has finished (barrier), rank 0 writes the
+COMMITTED marker, renames the directory to `<name>` and replaces `latest`. A crash at any point
+leaves the previous checkpoint as latest and loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from pretrain.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMMITTED"
+_NAME = re.compile(r"^step_(\d{8})$")
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def committed(root: Path) -> List[Path]:
+    """Committed checkpoints under root, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _NAME.match(p.name) and (p / MARKER).exists()]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def find_latest(root: Path) -> Optional[Path]:
+    """The `latest` pointer if it names a committed checkpoint, else the newest committed one."""
+    pointer = root / "latest"
+    if pointer.exists():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / MARKER).exists():
+            return candidate
+        log.warning("checkpoint pointer %s names %s, which is not committed; scanning", pointer, candidate)
+    found = committed(root)
+    return found[-1] if found else None
+
+
+def clean_stale(root: Path) -> None:
+    """Remove saves that never committed (rank 0, before training starts)."""
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if p.name.endswith(".tmp") or (p.is_dir() and _NAME.match(p.name) and not (p / MARKER).exists()):
+            log.warning("removing incomplete checkpoint %s", p)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def rng_state() -> Dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Checkpointer:
+    def __init__(self, root: Path, dist, keep_last: int = 3):
+        self.root = Path(root)
+        self.dist = dist
+        self.keep_last = keep_last
+
+    def save(self, engine, step: int, client_state: Dict[str, Any],
+             extra_files: Optional[Dict[str, Path]] = None, fail_after_write=None) -> Path:
+        """Collective: every rank calls it. Returns the committed directory."""
+        name = step_name(step)
+        tmp_tag = name + ".tmp"
+        tmp = self.root / tmp_tag
+        final = self.root / name
+        if self.dist.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.dist.barrier()
+        error: Optional[BaseException] = None
+        try:
+            engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state,
+                                   save_latest=False)
+            torch.save(rng_state(), tmp / f"rng_rank{self.dist.rank:05d}.pt")
+            if fail_after_write is not None:  # test hook: a crash after this rank wrote
+                fail_after_write(self.dist.rank)
+        except Exception as e:  # agreed on below, so that no rank commits a partial save
+            error = e
+        # The committed marker is written only once every rank's files are on disk.
+        if self.dist.all_reduce_max(1.0 if error else 0.0) > 0:
+            raise CheckpointError(
+                f"saving {name} failed ({error or 'on another rank'}); the previous checkpoint "
+                f"stays the latest and {tmp} is removed at the next start") from error
+        self.dist.barrier()
+        if self.dist.is_main:
+            for dst, src in (extra_files or {}).items():
+                shutil.copyfile(src, tmp / dst)
+            _fsync_write(tmp / "trainer.json", json.dumps(client_state.get("trainer_state", {})))
+            _fsync_write(tmp / MARKER, name)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_write(self.root / "latest", name)
+            self._prune(keep=final)
+        self.dist.barrier()
+        return final
+
+    def _prune(self, keep: Path) -> None:
+        found = committed(self.root)
+        for old in found[:-self.keep_last]:
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, engine, path: Path, load_optimizer: bool = True) -> Dict[str, Any]:
+        """Collective. Loads engine (model, optimizer, LR schedule) and this rank's RNG state;
+        returns the client state saved with it."""
+        path = Path(path)
+        if not (path / MARKER).exists():
+            raise CheckpointError(f"{path} has no {MARKER} marker: it is an incomplete save; "
+                                  f"point trainer.resume_from at a committed checkpoint")
+        try:
+            loaded, client = engine.load_checkpoint(
+                str(path.parent), tag=path.name, load_optimizer_states=load_optimizer,
+                load_lr_scheduler_states=load_optimizer, load_module_strict=True)
+        except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
+            raise CheckpointError(f"cannot load {path}: {e}") from e
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed found no checkpoint files in {path}")
+        rng_file = path / f"rng_rank{self.dist.rank:05d}.pt"
+        if rng_file.exists():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        else:
+            log.warning("%s has no RNG state for rank %d (different world size); reseeding",
+                        path, self.dist.rank)
+        return client or {}

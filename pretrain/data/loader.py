@@ -1,0 +1,159 @@
+"""Stream micro-batches from WebDataset shards in the order of `order.py`, resumable exactly.
+
+The position is one number, `consumed`: global samples consumed by all ranks. Every rank and
+DataLoader worker derives from it (and the seed, epoch and manifest) which samples are its own,
+so resuming at `consumed`, on the same or a different data-parallel size, continues at exactly
+the next sample.
+
+Each worker streams the shards of one window at a time through webdataset's tar reader and keeps
+only the samples it owns (memory ~ window / (dp x workers)). A shard that cannot be read is
+skipped with a warning and counted; its samples are replaced by other samples of the same
+window (deterministically), and more than `max_bad_shards` such shards is a DataError.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pretrain.data.manifest import Manifest, decode_sample
+from pretrain.data.order import SampleOrder, Window, micro_batch_indices, owner
+from pretrain.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamSpec:
+    """What one rank's stream is: a split of a dataset, from a position, for a layout."""
+
+    manifest: Manifest
+    split: str
+    start: int  # global samples consumed before this stream starts
+    micro_batch_size: int
+    dp: int
+    dp_rank: int
+    seed: int
+    window_shards: int = 4
+    shuffle: bool = True
+    max_bad_shards: int = 0
+
+
+class ShardStream(IterableDataset):
+    """Yields this rank's micro-batches as int64 tensors of shape (micro, seq_len + 1), forever
+    (epochs follow each other), or `limit` micro-batches when given."""
+
+    def __init__(self, spec: StreamSpec, limit: Optional[int] = None):
+        self.spec = spec
+        self.limit = limit
+        info = spec.manifest.split(spec.split)
+        self.shards = info.shards
+        self.order = SampleOrder([s.samples for s in self.shards], spec.seed,
+                                 spec.window_shards, spec.shuffle)
+        self.bad_shards: List[str] = []
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        worker = get_worker_info()
+        wid, workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        s = self.spec
+        cache = _WindowCache(self, wid, workers)
+        k = wid
+        while self.limit is None or k < self.limit:
+            idx = micro_batch_indices(s.start, k, s.dp, s.dp_rank, s.micro_batch_size)
+            rows = [cache.get(int(g)) for g in idx]
+            yield torch.from_numpy(np.stack(rows).astype(np.int64))  # (micro, seq_len + 1)
+            k += workers
+
+
+class _WindowCache:
+    """The samples one worker owns in the current window, read when the window is entered."""
+
+    def __init__(self, stream: ShardStream, wid: int, workers: int):
+        self.stream, self.wid, self.workers = stream, wid, workers
+        self.window: Optional[Window] = None
+        self.rows: Dict[int, np.ndarray] = {}
+
+    def get(self, g: int) -> np.ndarray:
+        w = self.window
+        if w is None or not (w.start <= g < w.start + w.size):
+            self._load(self.stream.order.window_of(g))
+        return self.rows[g]
+
+    def _load(self, window: Window) -> None:
+        st, s = self.stream, self.stream.spec
+        g = window.start + np.arange(window.size, dtype=np.int64)
+        rank, worker = owner(g, s.start, s.dp, s.micro_batch_size, self.workers)
+        mine = (g >= s.start) & (rank == s.dp_rank) & (worker == self.wid)
+        t = np.nonzero(mine)[0]
+        shard_of, index_of = window.locate(t, st.order.counts)
+        wanted: Dict[int, Dict[int, int]] = {}
+        for pos, sh, ix in zip(g[t].tolist(), shard_of.tolist(), index_of.tolist()):
+            wanted.setdefault(sh, {})[ix] = pos
+        self.rows = {}
+        missing: List[int] = []
+        for sh in window.shards:
+            if sh not in wanted:
+                continue
+            got = self._read_shard(sh, wanted[sh])
+            self.rows.update(got)
+            missing += [pos for pos in wanted[sh].values() if pos not in got]
+        if missing:
+            self._fill_missing(window, missing)
+        self.window = window
+
+    def _read_shard(self, sh: int, want: Dict[int, int]) -> Dict[int, np.ndarray]:
+        """Samples `want` (index in shard -> global position) of shard `sh`. A tar that cannot be
+        read counts as a bad shard; a readable sample with bad tokens is a DataError."""
+        st = self.stream
+        info = st.shards[sh]
+        out: Dict[int, np.ndarray] = {}
+        samples = iter(wds.tariterators.tarfile_samples([{"url": info.url}]))
+        i = -1
+        while True:
+            try:
+                sample = next(samples)
+            except StopIteration:
+                break
+            except Exception as e:  # truncated or corrupt tar, unreachable URL
+                self._bad(info.url, e)
+                return out
+            i += 1
+            if i in want:
+                if "tokens" not in sample:
+                    raise DataError(f"{info.url}: sample {sample.get('__key__')} has no .tokens member")
+                out[want[i]] = decode_sample(sample["tokens"], st.spec.manifest)
+        if i + 1 != info.samples:
+            self._bad(info.url, DataError(f"holds {i + 1} samples, the manifest says {info.samples}"))
+        return out
+
+    def _bad(self, url: str, err: Exception) -> None:
+        st = self.stream
+        if url not in st.bad_shards:
+            st.bad_shards.append(url)
+            log.warning("skipping unreadable shard %s (%s); %d bad so far", url, err, len(st.bad_shards))
+        if len(st.bad_shards) > st.spec.max_bad_shards:
+            raise DataError(
+                f"{len(st.bad_shards)} unreadable shards (last: {url}: {err}); data.max_bad_shards="
+                f"{st.spec.max_bad_shards}. Re-create the shards or raise data.max_bad_shards")
+
+    def _fill_missing(self, window: Window, missing: List[int]) -> None:
+        """Replace samples of a bad shard with this worker's surviving samples, in order."""
+        have = sorted(self.rows)
+        if not have:
+            raise DataError(f"every shard of window {window.index} (epoch {window.epoch}) is unreadable")
+        for i, pos in enumerate(sorted(missing)):
+            self.rows[pos] = self.rows[have[i % len(have)]]
+
+
+def make_loader(spec: StreamSpec, num_workers: int, pin_memory: bool = False,
+                prefetch_factor: int = 4, limit: Optional[int] = None) -> DataLoader:
+    stream = ShardStream(spec, limit=limit)
+    kwargs = dict(prefetch_factor=prefetch_factor, persistent_workers=False) if num_workers else {}
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      **kwargs)

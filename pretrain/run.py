@@ -1,0 +1,142 @@
+"""The recipe of one training run, top to bottom.
+
+check config and data (no process group yet) -> start the process groups -> build model and
+engine -> resume if a checkpoint exists -> train with callbacks -> final checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import yaml
+
+from pretrain.checkpoint import Checkpointer, clean_stale, find_latest
+from pretrain.config import Config
+from pretrain.data.manifest import Manifest
+from pretrain.dist import Dist
+from pretrain.errors import CheckpointError, ConfigError, DataError
+
+log = logging.getLogger("pretrain")
+
+# Model settings that may change between a checkpoint and its resume (the rest define its shape).
+RESUMABLE_MODEL_KEYS = {"dropout", "attention_dropout", "fused_kernels", "recompute", "name"}
+
+
+@dataclass
+class RunResult:
+    state: Dict[str, Any]
+    stop_reason: Optional[str]
+    run_dir: Path
+    exit_code: int = 0
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stdout, force=True,
+                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    # Our own messages on rank 0; libraries (DeepSpeed is chatty) only when they warn.
+    logging.getLogger("pretrain").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    for noisy in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def resolve_vocab(cfg: Config, manifest: Manifest) -> int:
+    if cfg.model.vocab_size is None:
+        return manifest.vocab_size
+    if cfg.model.vocab_size < manifest.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the dataset's tokenizer "
+            f"({manifest.vocab_size} tokens, {manifest.root}); remove the override or retokenize")
+    return cfg.model.vocab_size
+
+
+def check_resumable(cfg: Config, saved: Dict[str, Any], manifest: Manifest, saved_data: Dict) -> None:
+    """A resume that would be wrong fails here, before any process group starts."""
+    now = cfg.to_dict()["model"]
+    before = saved.get("model", {})
+    changed = sorted(k for k in now if k not in RESUMABLE_MODEL_KEYS and before.get(k) != now[k])
+    if changed:
+        diffs = ", ".join(f"model.{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise ConfigError(f"the checkpoint was trained with a different model shape ({diffs}); "
+                          f"use a new run.dir or trainer.resume=false")
+    fp = saved_data.get("fingerprint")
+    if fp and fp != manifest.fingerprint and not cfg.data.allow_fingerprint_change:
+        raise DataError(
+            f"data.path {manifest.root} is not the dataset this run was trained on (fingerprint "
+            f"{manifest.fingerprint[:12]} != {fp[:12]}); point data.path at the original dataset, "
+            f"or set data.allow_fingerprint_change=true to continue on the new one on purpose")
+    if saved_data.get("tokenizer_sha256") not in (None, manifest.tokenizer_sha256):
+        raise DataError(f"the dataset's tokenizer ({manifest.tokenizer_path}) differs from the one "
+                        f"this run was trained with; use a dataset made with the same tokenizer")
+
+
+def find_resume_point(cfg: Config, ckpt_root: Path) -> Optional[Path]:
+    if cfg.trainer.resume_from:
+        path = Path(cfg.trainer.resume_from)
+        if not (path / "COMMITTED").exists():
+            raise CheckpointError(f"trainer.resume_from={path}: not a committed checkpoint "
+                                  f"(no COMMITTED marker); pick one under {ckpt_root}")
+        return path
+    return find_latest(ckpt_root) if cfg.trainer.resume else None
+
+
+def train(cfg: Config, env: Optional[Dict[str, str]] = None, hooks: Optional[Dict] = None) -> RunResult:
+    """Run (or resume) the training described by cfg in this process. Collective over ranks."""
+    from pretrain.builders import build_run
+
+    dist = Dist.from_env(cfg.parallel, env)
+    setup_logging(dist.rank)
+    cfg.validate(world_size=dist.world_size)
+    manifest = Manifest.load(cfg.data.path)
+    vocab = resolve_vocab(cfg, manifest)
+    if manifest.seq_len != cfg.model.seq_len:
+        raise ConfigError(f"model.seq_len={cfg.model.seq_len} but the dataset {manifest.root} holds "
+                          f"{manifest.seq_len}-token sequences; set model.seq_len={manifest.seq_len} "
+                          f"or write shards with pretrain-data --seq-len {cfg.model.seq_len}")
+    run_dir = Path(cfg.run.dir)
+    ckpt_root = run_dir / "checkpoints"
+    resume_path = find_resume_point(cfg, ckpt_root)
+    saved_client: Dict[str, Any] = {}
+    if resume_path is not None:
+        saved_cfg = yaml.safe_load((resume_path / "config.yaml").read_text())
+        data_yaml = resume_path / "data.yaml"
+        saved_data = yaml.safe_load(data_yaml.read_text()) if data_yaml.exists() else {}
+        check_resumable(cfg, saved_cfg, manifest, saved_data)
+
+    # ---- from here on, process groups exist --------------------------------------------------
+    dist.initialize(seed=cfg.trainer.seed)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        clean_stale(ckpt_root)
+        _write_yaml(run_dir / "config.yaml", cfg.to_dict())
+        _write_yaml(run_dir / "data.yaml", {"path": str(manifest.root),
+                                            "fingerprint": manifest.fingerprint,
+                                            "tokenizer_sha256": manifest.tokenizer_sha256})
+    dist.barrier()
+    try:
+        run = build_run(cfg, dist, manifest, vocab, run_dir, hooks or {})
+        if resume_path is not None:
+            saved_client = run.checkpointer.load(run.engine, resume_path)
+            run.trainer.load_state_dict(saved_client.get("trainer_state", {}))
+            if dist.is_main:
+                log.info("resumed from %s at step %d", resume_path, run.trainer.state.step)
+        state = run.trainer.fit()
+        stop = run.trainer.stop_reason
+        run.tracker.close()
+        from pretrain.callbacks.preemption import EXIT_REQUEUE
+
+        code = EXIT_REQUEUE if stop and stop.startswith("signal") else 0
+        return RunResult(state.state_dict(), stop, run_dir, code)
+    finally:
+        dist.shutdown()
+
+
+def _write_yaml(path: Path, data: Dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    os.replace(tmp, path)
