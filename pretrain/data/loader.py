@@ -127,7 +127,10 @@ class _WindowCache:
             if i in want:
                 if "tokens" not in sample:
                     raise DataError(f"{info.url}: sample {sample.get('__key__')} has no .tokens member")
-                out[want[i]] = decode_sample(sample["tokens"], st.spec.manifest)
+                try:
+                    out[want[i]] = decode_sample(sample["tokens"], st.spec.manifest)
+                except DataError as e:
+                    raise DataError(f"shard {info.url}, sample {sample.get('__key__')}: {e}") from e
         if i + 1 != info.samples:
             self._bad(info.url, DataError(f"holds {i + 1} samples, the manifest says {info.samples}"))
         return out
