@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from pretrain import faults
 from pretrain.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class Checkpointer:
         self.keep_last = keep_last
 
     def save(self, engine, step: int, client_state: Dict[str, Any],
-             extra_files: Optional[Dict[str, Path]] = None, fail_after_write=None) -> Path:
+             extra_files: Optional[Dict[str, Path]] = None) -> Path:
         """Collective: every rank calls it. Returns the committed directory."""
         name = step_name(step)
         tmp_tag = name + ".tmp"
@@ -120,8 +121,8 @@ class Checkpointer:
             engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state,
                                    save_latest=False)
             torch.save(rng_state(), tmp / f"rng_rank{self.dist.rank:05d}.pt")
-            if fail_after_write is not None:  # test hook: a crash after this rank wrote
-                fail_after_write(self.dist.rank)
+            if faults.active("crash_in_save", step, self.dist.rank):
+                raise faults.InjectedFault(f"injected failure after rank {self.dist.rank} wrote")
         except Exception as e:  # agreed on below, so that no rank commits a partial save
             error = e
         # The committed marker is written only once every rank's files are on disk.

@@ -158,5 +158,8 @@ def make_loader(spec: StreamSpec, num_workers: int, pin_memory: bool = False,
                 prefetch_factor: int = 4, limit: Optional[int] = None) -> DataLoader:
     stream = ShardStream(spec, limit=limit)
     kwargs = dict(prefetch_factor=prefetch_factor, persistent_workers=False) if num_workers else {}
+    # A private generator: creating the iterator draws a seed from it, and drawing from the global
+    # one would shift the training RNG (dropout) depending on when the loader was made.
+    generator = torch.Generator().manual_seed(spec.seed)
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      **kwargs)
+                      generator=generator, **kwargs)
