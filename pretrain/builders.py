@@ -18,7 +18,7 @@ from pretrain.data.loader import StreamSpec, make_loader
 from pretrain.data.manifest import Manifest
 from pretrain.dist import Dist
 from pretrain.engine import build_engine
-from pretrain.model import GPT, count_parameters
+from pretrain.model.gpt import GPT, count_parameters
 from pretrain.model.flops import flops_per_token, peak_flops
 from pretrain.tracking import Tracker
 from pretrain.trainer import Trainer

@@ -98,7 +98,7 @@ def deepspeed_config(cfg: Config, dist: Dist) -> Dict[str, Any]:
     if cfg.parallel.zero_stage >= 1:
         # Overlapped, bucketed gradient reduction where the stage supports it.
         zero.update(overlap_comm=dist.device_type == "cuda", contiguous_gradients=True,
-                    reduce_bucket_size=int(5e8), allgather_bucket_size=int(5e8))
+                    reduce_bucket_size=int(2e8), allgather_bucket_size=int(2e8))
     if cfg.parallel.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": dist.device_type == "cuda"}
     return {

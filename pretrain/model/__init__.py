@@ -1,3 +1,2 @@
-from pretrain.model.gpt import GPT, count_parameters, transformer_config
-
-__all__ = ["GPT", "count_parameters", "transformer_config"]
+"""The GPT model (gpt.py: megatron-core GPTModel from our config), its layer spec and attention,
+and FLOPs accounting (flops.py, importable without megatron-core)."""
