@@ -73,9 +73,9 @@ def read_process_env(env: Mapping[str, str]) -> ProcessEnv:
             raise EnvironmentSetupError(
                 "SLURM_JOB_NODELIST is empty: run the training under `srun` inside an allocation")
         addr = env.get("MASTER_ADDR", nodes[0])
-        # One port per job, the same on every task, away from the usual 29500.
+        # One port per job, the same on every task, below the ephemeral range (32768+).
         job = int(env.get("SLURM_JOB_ID", "0") or 0)
-        port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 20000 + job % 20000
+        port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 10000 + job % 20000
     else:
         return ProcessEnv("single", 0, 1, 0, "127.0.0.1", _free_port())
     if not 0 <= rank < world:
