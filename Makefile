@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml
 # A small real corpus: the Python standard library's own source ships on every machine.
 $(DEBUG_DATA)/manifest.json: | install
 	$(VENV)/bin/pretrain-data --input $$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])") \
-	    --output $(DEBUG_DATA) --vocab-size 4096 --seq-len 128 --max-input-mb 24 --overwrite
+	    --output $(DEBUG_DATA) --vocab-size 4096 --seq-len 128 --max-input-mb 24 --shard-size-mb 8 --overwrite
 
 debug-data: $(DEBUG_DATA)/manifest.json
 
