@@ -136,9 +136,14 @@ class Checkpointer:
                 shutil.copyfile(src, tmp / dst)
             _fsync_write(tmp / "trainer.json", json.dumps(client_state.get("trainer_state", {})))
             _fsync_write(tmp / MARKER, name)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            if final.exists():  # re-saving a step (e.g. after resume_from an older one)
+                old = self.root / (name + ".replaced.tmp")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
             _fsync_write(self.root / "latest", name)
             self._prune(keep=final)
         self.dist.barrier()

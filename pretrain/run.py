@@ -125,6 +125,10 @@ def train(cfg: Config, env: Optional[Dict[str, str]] = None, hooks: Optional[Dic
             run.trainer.load_state_dict(saved_client.get("trainer_state", {}))
             if dist.is_main:
                 log.info("resumed from %s at step %d", resume_path, run.trainer.state.step)
+                if run.trainer.state.step >= cfg.trainer.max_steps:
+                    log.info("nothing to do: the run is at step %d and trainer.max_steps=%d; "
+                             "raise trainer.max_steps to continue", run.trainer.state.step,
+                             cfg.trainer.max_steps)
         state = run.trainer.fit()
         stop = run.trainer.stop_reason
         run.tracker.close()

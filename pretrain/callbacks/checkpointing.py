@@ -28,6 +28,8 @@ class CheckpointCallback(Callback):
 
     def on_train_start(self, trainer: Trainer) -> None:
         self._last_time = time.monotonic()
+        # A resumed run already has a checkpoint at its starting step.
+        self.last_saved_step = trainer.state.step if trainer.state.step > 0 else None
 
     def on_step_end(self, trainer: Trainer, out: StepOutput) -> None:
         step = trainer.state.step
