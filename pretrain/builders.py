@@ -10,16 +10,20 @@ import torch
 
 from pretrain.callbacks.checkpointing import CheckpointCallback
 from pretrain.callbacks.evaluation import EvalCallback
-from pretrain.callbacks.metrics import MetricsLogger
+from pretrain.callbacks.metrics import DataPosition, MetricsLogger
 from pretrain.callbacks.preemption import PreemptionCallback
+from pretrain.callbacks.stability import StabilityCallback
+from pretrain.callbacks.watchdog import Watchdog
 from pretrain.checkpoint import Checkpointer
 from pretrain.config import Config
 from pretrain.data.loader import StreamSpec, make_loader
-from pretrain.data.manifest import Manifest
+from pretrain.data.sources import Sources, fingerprint
+from pretrain.data.order import SampleOrder
 from pretrain.dist import Dist
 from pretrain.engine import build_engine
 from pretrain.model.gpt import GPT, count_parameters
 from pretrain.model.flops import flops_per_token, peak_flops
+from pretrain.plan import count_params
 from pretrain.tracking import Tracker
 from pretrain.trainer import Trainer
 
@@ -32,8 +36,10 @@ class Run:
     checkpointer: Checkpointer
 
 
-def data_spec(cfg: Config, dist: Dist, manifest: Manifest, split: str, start: int) -> StreamSpec:
-    return StreamSpec(manifest=manifest, split=split, start=start,
+def data_spec(cfg: Config, dist: Dist, sources: Sources, split: str, start: int) -> StreamSpec:
+    """Training reads the blend; validation reads data.path's held-out split only."""
+    (manifest, weight), blend = sources[0], sources[1:] if split == "train" else ()
+    return StreamSpec(manifest=manifest, split=split, start=start, weight=weight, blend=blend,
                       micro_batch_size=cfg.trainer.micro_batch_size, dp=dist.dp,
                       dp_rank=dist.dp_rank, seed=cfg.data.seed,
                       window_shards=cfg.data.shuffle_window_shards,
@@ -41,8 +47,9 @@ def data_spec(cfg: Config, dist: Dist, manifest: Manifest, split: str, start: in
                       max_bad_shards=cfg.data.max_bad_shards)
 
 
-def build_run(cfg: Config, dist: Dist, manifest: Manifest, vocab: int, run_dir: Path,
+def build_run(cfg: Config, dist: Dist, sources: Sources, vocab: int, run_dir: Path,
               hooks: Dict[str, Any]) -> Run:
+    manifest = sources[0][0]
     layout = cfg.layout(dist.world_size)
     padded = cfg.model.padded_vocab_size(dist.tp, vocab)
     model = GPT(cfg.model, padded, dist.tp, dist.device_type).to(dist.device)
@@ -52,26 +59,33 @@ def build_run(cfg: Config, dist: Dist, manifest: Manifest, vocab: int, run_dir: 
     engine = build_engine(model, cfg, dist)
     tracker = Tracker(run_dir, cfg.logger, cfg.to_dict(), enabled=dist.is_main,
                       run_name=cfg.run.name or run_dir.name)
-    tracker.update_config({"params_per_tp_rank": n_params, "padded_vocab_size": padded,
+    device_name = torch.cuda.get_device_name(dist.device) if dist.device_type == "cuda" else None
+    peak = cfg.cluster.gpu_peak_tflops * 1e12 if cfg.cluster.gpu_peak_tflops else peak_flops(device_name)
+    fpt = flops_per_token(cfg.model, padded, manifest.seq_len)
+    tracker.update_config({"parameters": count_params(cfg.model, padded).total,
+                           "params_per_tp_rank": n_params, "padded_vocab_size": padded,
+                           "flops_per_token": fpt, "device": device_name or dist.device_type,
+                           "peak_tflops_per_device": peak / 1e12 if peak else None,
                            "world_size": dist.world_size, **layout})
     checkpointer = Checkpointer(run_dir / "checkpoints", dist, cfg.trainer.keep_last)
     pin = dist.device_type == "cuda"
     train_split = manifest.split("train")
 
     def make_batches(consumed: int):
-        spec = data_spec(cfg, dist, manifest, "train", consumed)
+        spec = data_spec(cfg, dist, sources, "train", consumed)
         return make_loader(spec, cfg.data.num_workers, pin, cfg.data.prefetch_factor)
 
     def make_val_batches():
-        spec = data_spec(cfg, dist, manifest, "val", 0)
+        spec = data_spec(cfg, dist, sources, "val", 0)
         return make_loader(spec, 0, pin, limit=cfg.trainer.eval_batches)
 
-    device_name = torch.cuda.get_device_name(dist.device) if dist.device_type == "cuda" else None
+    spec = data_spec(cfg, dist, sources, "train", 0)
+    order = SampleOrder([s.samples for s in train_split.shards], spec.seed, spec.window_shards,
+                        spec.shuffle)  # the loader's order, for the data position in the logs
     callbacks = [
         PreemptionCallback(),
-        MetricsLogger(tracker, cfg.trainer.log_every,
-                      flops_per_token(cfg.model, padded, manifest.seq_len),
-                      peak_flops(device_name), train_split.samples, cfg.trainer.progress_bar),
+        MetricsLogger(tracker, cfg.trainer.log_every, fpt, peak, DataPosition(order),
+                      cfg.trainer.progress_bar),
     ]
     if cfg.trainer.eval_every and "val" in manifest.splits and manifest.split("val").samples > 0:
         callbacks.append(EvalCallback(cfg.trainer.eval_every, make_val_batches, tracker))
@@ -81,12 +95,17 @@ def build_run(cfg: Config, dist: Dist, manifest: Manifest, vocab: int, run_dir: 
                       layout["grad_accum"], manifest.seq_len, make_batches, callbacks)
 
     def client_state(tr: Trainer) -> Dict[str, Any]:
-        return {"trainer_state": tr.state_dict(), "wandb_id": tracker.run_id,
+        return {"trainer_state": tr.state_dict(), **tracker.state_dict(),  # wandb_id
                 "data": {"consumed_samples": tr.state.consumed_samples,
-                         "fingerprint": manifest.fingerprint}}
+                         "fingerprint": fingerprint(sources)}}
 
     callbacks.append(CheckpointCallback(checkpointer, cfg.trainer.checkpoint_every,
                                         cfg.trainer.checkpoint_every_min, client_state, extra_files))
     for hook in hooks.get("callbacks", []):
         callbacks.insert(-1, hook)
+    # Stability after the metrics (a bad step is logged before a rollback) and before the
+    # checkpoint (which saves its state); the watchdog's heartbeat last, after everything a step does.
+    callbacks.insert(-1, StabilityCallback(cfg.stability, checkpointer))
+    callbacks.append(Watchdog(60 * cfg.trainer.watchdog_min, 60 * cfg.parallel.timeout_min,
+                              run_dir / "stacks"))
     return Run(engine, trainer, tracker, checkpointer)

@@ -6,9 +6,14 @@ Layout of `RUN_DIR/checkpoints/`:
     step_00000200.tmp/        a save in progress (or one that crashed): never loaded, removed at start
     latest                    the name of the newest committed checkpoint (replaced atomically)
 
-A save writes into `<name>.tmp`; after every rank has finished (barrier), rank 0 writes the
-COMMITTED marker, renames the directory to `<name>` and replaces `latest`. A crash at any point
-leaves the previous checkpoint as latest and loadable.
+A save writes into `<name>.tmp`; after every rank has finished (barrier), rank 0 writes FILES
+(every file's size), the COMMITTED marker, renames the directory to `<name>` and replaces
+`latest`. A crash at any point leaves the previous checkpoint as latest and loadable.
+
+A committed checkpoint whose files no longer match FILES (truncated or lost later, e.g. by a full
+disk or a bad copy) is damaged: resuming from the latest one falls back, with a warning, to the
+newest intact checkpoint; naming a damaged one in trainer.resume_from is a CheckpointError.
+The check reads sizes only, before any process group starts, so every rank picks the same one.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pretrain.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 MARKER = "COMMITTED"
+FILES = "FILES"  # JSON {relative path: size in bytes} of every file of the checkpoint
 _NAME = re.compile(r"^step_(\d{8})$")
 
 
@@ -55,16 +61,53 @@ def committed(root: Path) -> List[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
+def step_of(path: Path) -> int:
+    return int(_NAME.match(Path(path).name).group(1))
+
+
+def file_sizes(path: Path) -> Dict[str, int]:
+    """Sizes of a checkpoint's files. Each is opened (not just stat'ed) so that NFS revalidates
+    the size of files other nodes wrote (close-to-open consistency)."""
+    sizes = {}
+    for f in sorted(path.rglob("*")):
+        if f.is_file() and f.name not in (FILES, MARKER):
+            with open(f, "rb") as fh:
+                sizes[str(f.relative_to(path))] = os.fstat(fh.fileno()).st_size
+    return sizes
+
+
+def damaged(path: Path) -> Optional[str]:
+    """What is wrong with a committed checkpoint's files, or None if they are as saved."""
+    listing = Path(path) / FILES
+    if not listing.exists():
+        return None  # saved before FILES existed: nothing to check against
+    for name, size in json.loads(listing.read_text()).items():
+        try:
+            actual = (Path(path) / name).stat().st_size
+        except FileNotFoundError:
+            return f"{name} is missing"
+        if actual != size:
+            return f"{name} has {actual} bytes, {size} were saved"
+    return None
+
+
 def find_latest(root: Path) -> Optional[Path]:
-    """The `latest` pointer if it names a committed checkpoint, else the newest committed one."""
+    """The newest intact committed checkpoint: the `latest` pointer's, else the newest one found.
+    Damaged ones are passed over with a warning."""
     pointer = root / "latest"
+    candidates = committed(root)[::-1]
     if pointer.exists():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / MARKER).exists():
+        named = root / pointer.read_text().strip()
+        if (named / MARKER).exists():
+            candidates.insert(0, named)
+        else:
+            log.warning("checkpoint pointer %s names %s, which is not committed; scanning", pointer, named)
+    for candidate in candidates:
+        problem = damaged(candidate)
+        if problem is None:
             return candidate
-        log.warning("checkpoint pointer %s names %s, which is not committed; scanning", pointer, candidate)
-    found = committed(root)
-    return found[-1] if found else None
+        log.warning("checkpoint %s is damaged (%s): falling back to an older one", candidate, problem)
+    return None
 
 
 def clean_stale(root: Path) -> None:
@@ -135,6 +178,7 @@ class Checkpointer:
             for dst, src in (extra_files or {}).items():
                 shutil.copyfile(src, tmp / dst)
             _fsync_write(tmp / "trainer.json", json.dumps(client_state.get("trainer_state", {})))
+            _fsync_write(tmp / FILES, json.dumps(file_sizes(tmp), indent=0))
             _fsync_write(tmp / MARKER, name)
             if final.exists():  # re-saving a step (e.g. after resume_from an older one)
                 old = self.root / (name + ".replaced.tmp")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from pretrain.errors import ConfigError
 
@@ -124,9 +124,11 @@ class ModelConfig:
 class DataConfig:
     # A dataset directory written by pretrain-data (holds manifest.json).
     path: Optional[str] = None
-    # Blends: extra dataset directories and their weights (path above counts with `weight`).
-    blend: Dict[str, float] = field(default_factory=dict)
+    # Blends: more dataset directories sampled with these weights beside `path` (which has
+    # `weight`), e.g. data.path=/d/web data.weight=0.7 data.blend=[/d/code] data.blend_weights=[0.3].
     weight: float = 1.0
+    blend: List[str] = field(default_factory=list)
+    blend_weights: List[float] = field(default_factory=list)
     num_workers: int = 1
     # Samples are shuffled within windows of this many consecutive shards of the shard order.
     shuffle_window_shards: int = 4
@@ -145,8 +147,13 @@ class DataConfig:
         _check(self.shuffle_window_shards >= 1, "data.shuffle_window_shards", "must be >= 1")
         _check(self.max_bad_shards >= 0, "data.max_bad_shards", "must be >= 0")
         _check(self.weight > 0, "data.weight", "must be positive")
-        for path, w in self.blend.items():
-            _check(w > 0, f"data.blend.{path}", "blend weights must be positive")
+        _check(len(self.blend) == len(self.blend_weights), "data.blend_weights",
+               f"{len(self.blend_weights)} weights for {len(self.blend)} datasets in data.blend")
+        _check(all(w > 0 for w in self.blend_weights), "data.blend_weights", "must be positive")
+
+    @property
+    def paths_and_weights(self) -> List[Tuple[str, float]]:
+        return [(self.path, self.weight)] + list(zip(self.blend, self.blend_weights))
 
 
 @dataclass
@@ -204,6 +211,9 @@ class ParallelConfig:
     offload_optimizer: bool = False
     # Collective timeouts (minutes): generous for start-up, tighter once training runs.
     init_timeout_min: float = 30.0
+    # Once the first step has finished every collective must complete within this; a rank that
+    # stops answering then fails the job instead of holding it until the Slurm time limit.
+    timeout_min: float = 10.0
 
     def validate(self) -> None:
         p = "parallel"
@@ -214,6 +224,8 @@ class ParallelConfig:
         _check(self.backend in ("auto", "gloo", "nccl"), f"{p}.backend", "must be auto, gloo or nccl")
         _check(not (self.offload_optimizer and self.zero_stage == 0), f"{p}.offload_optimizer",
                "needs parallel.zero_stage >= 1")
+        _check(self.init_timeout_min > 0, f"{p}.init_timeout_min", "must be positive")
+        _check(self.timeout_min > 0, f"{p}.timeout_min", "must be positive")
 
 
 @dataclass
@@ -234,6 +246,9 @@ class TrainerConfig:
     resume_from: Optional[str] = None
     progress_bar: str = "auto"  # auto | on | off
     compile: bool = False
+    # Exit (stacks dumped to stderr and RUN_DIR/stacks/) when no step has finished for this many
+    # minutes: it must exceed the longest step including its checkpoint save and eval. 0: off.
+    watchdog_min: float = 30.0
 
     def validate(self) -> None:
         p = "trainer"
@@ -247,8 +262,38 @@ class TrainerConfig:
         _check(self.keep_last >= 1, f"{p}.keep_last", "must be >= 1")
         _check(self.progress_bar in ("auto", "on", "off"), f"{p}.progress_bar",
                "must be auto, on or off")
+        _check(self.watchdog_min >= 0, f"{p}.watchdog_min", "must be >= 0 (0 turns it off)")
         if self.global_batch_size is not None:
             _check(self.global_batch_size > 0, f"{p}.global_batch_size", "must be positive")
+
+
+@dataclass
+class StabilityConfig:
+    """What a step with a bad loss does: skipped, counted, and after a streak, rollback or stop."""
+
+    # A loss or gradient norm that is NaN/inf on any rank: every rank skips that step's update.
+    skip_nonfinite: bool = True
+    # A loss above mean + spike_std x std of the last spike_window good steps is skipped.
+    # 0 turns spike detection off; it starts once the window is full and after spike_warmup steps.
+    spike_std: float = 0.0
+    spike_window: int = 100
+    spike_warmup: int = 1000
+    # After this many consecutive skipped steps: `rollback` loads the newest checkpoint from
+    # before the streak and skips the data read since it; `stop` ends the run with an error.
+    max_bad_steps: int = 10
+    on_bad_steps: str = "rollback"  # rollback | stop
+    # Rollbacks allowed in one run before it stops anyway.
+    max_rollbacks: int = 3
+
+    def validate(self) -> None:
+        p = "stability"
+        _check(self.spike_std >= 0, f"{p}.spike_std", "must be >= 0 (0 turns spike detection off)")
+        _check(self.spike_window >= 2, f"{p}.spike_window", "must be >= 2 (a std needs two losses)")
+        _check(self.spike_warmup >= 0, f"{p}.spike_warmup", "must be >= 0")
+        _check(self.max_bad_steps >= 1, f"{p}.max_bad_steps", "must be >= 1")
+        _check(self.on_bad_steps in ("rollback", "stop"), f"{p}.on_bad_steps",
+               f"'{self.on_bad_steps}' is not one of rollback, stop")
+        _check(self.max_rollbacks >= 0, f"{p}.max_rollbacks", "must be >= 0")
 
 
 @dataclass
@@ -299,6 +344,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
 
     def validate(self, world_size: Optional[int] = None, need_data: bool = True) -> "Config":
         """Check every component and the relations between them; world_size from the launcher."""
@@ -311,6 +357,7 @@ class Config:
         self.trainer.validate()
         self.logger.validate()
         self.cluster.validate()
+        self.stability.validate()
         if world_size is not None:
             self.layout(world_size)
         return self

@@ -143,6 +143,29 @@ class Dist:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return float(t.item())
 
+    def all_reduce_mean(self, value: torch.Tensor) -> float:
+        """Mean over all ranks of a scalar (one collective). Every rank gets the same bits (the
+        reduced value is computed once and distributed), so decisions taken on it agree; a NaN or
+        inf on any rank makes it non-finite everywhere."""
+        if not (self.initialized and torch.distributed.is_initialized()) or self.world_size == 1:
+            return float(value)
+        t = value.detach().float().reshape(1).to(self._comm_device(), copy=True)  # not in place
+        torch.distributed.all_reduce(t)
+        return float(t.item()) / self.world_size
+
+    def set_collective_timeout(self, timeout: timedelta) -> None:
+        """Change the timeout of every process group this rank is in (the default one and those
+        megatron and DeepSpeed created), e.g. from the start-up timeout to the steady-state one."""
+        if not (self.initialized and torch.distributed.is_initialized()):
+            return
+        from torch.distributed import distributed_c10d as c10d
+
+        for group in list(c10d._world.pg_map):
+            try:
+                c10d._set_pg_timeout(timeout, group)
+            except (ValueError, AssertionError, RuntimeError):  # not a member, or no such backend
+                pass
+
     def broadcast_object(self, obj):
         if not (self.initialized and torch.distributed.is_initialized()) or self.world_size == 1:
             return obj

@@ -15,9 +15,10 @@ from typing import Any, Dict, Optional
 
 import yaml
 
-from pretrain.checkpoint import Checkpointer, clean_stale, find_latest
+from pretrain.checkpoint import Checkpointer, clean_stale, damaged, find_latest
 from pretrain.config import Config
 from pretrain.data.manifest import Manifest
+from pretrain.data.sources import fingerprint, load_sources
 from pretrain.dist import Dist
 from pretrain.errors import CheckpointError, ConfigError, DataError
 
@@ -55,7 +56,8 @@ def resolve_vocab(cfg: Config, manifest: Manifest) -> int:
     return cfg.model.vocab_size
 
 
-def check_resumable(cfg: Config, saved: Dict[str, Any], manifest: Manifest, saved_data: Dict) -> None:
+def check_resumable(cfg: Config, saved: Dict[str, Any], manifest: Manifest, data_fp: str,
+                    saved_data: Dict) -> None:
     """A resume that would be wrong fails here, before any process group starts."""
     now = cfg.to_dict()["model"]
     before = saved.get("model", {})
@@ -65,10 +67,10 @@ def check_resumable(cfg: Config, saved: Dict[str, Any], manifest: Manifest, save
         raise ConfigError(f"the checkpoint was trained with a different model shape ({diffs}); "
                           f"use a new run.dir or trainer.resume=false")
     fp = saved_data.get("fingerprint")
-    if fp and fp != manifest.fingerprint and not cfg.data.allow_fingerprint_change:
+    if fp and fp != data_fp and not cfg.data.allow_fingerprint_change:
         raise DataError(
-            f"data.path {manifest.root} is not the dataset this run was trained on (fingerprint "
-            f"{manifest.fingerprint[:12]} != {fp[:12]}); point data.path at the original dataset, "
+            f"data.path {manifest.root} (with data.blend) is not the data this run was trained on "
+            f"(fingerprint {data_fp[:12]} != {fp[:12]}); point data.path at the original dataset, "
             f"or set data.allow_fingerprint_change=true to continue on the new one on purpose")
     if saved_data.get("tokenizer_sha256") not in (None, manifest.tokenizer_sha256):
         raise DataError(f"the dataset's tokenizer ({manifest.tokenizer_path}) differs from the one "
@@ -81,6 +83,10 @@ def find_resume_point(cfg: Config, ckpt_root: Path) -> Optional[Path]:
         if not (path / "COMMITTED").exists():
             raise CheckpointError(f"trainer.resume_from={path}: not a committed checkpoint "
                                   f"(no COMMITTED marker); pick one under {ckpt_root}")
+        problem = damaged(path)
+        if problem is not None:
+            raise CheckpointError(f"trainer.resume_from={path}: the checkpoint is damaged "
+                                  f"({problem}); pick another one under {path.parent}")
         return path
     return find_latest(ckpt_root) if cfg.trainer.resume else None
 
@@ -92,7 +98,8 @@ def train(cfg: Config, env: Optional[Dict[str, str]] = None, hooks: Optional[Dic
     dist = Dist.from_env(cfg.parallel, env)
     setup_logging(dist.rank)
     cfg.validate(world_size=dist.world_size)
-    manifest = Manifest.load(cfg.data.path)
+    sources = load_sources(cfg.data)
+    manifest, data_fp = sources[0][0], fingerprint(sources)
     vocab = resolve_vocab(cfg, manifest)
     if manifest.seq_len != cfg.model.seq_len:
         raise ConfigError(f"model.seq_len={cfg.model.seq_len} but the dataset {manifest.root} holds "
@@ -106,7 +113,7 @@ def train(cfg: Config, env: Optional[Dict[str, str]] = None, hooks: Optional[Dic
         saved_cfg = yaml.safe_load((resume_path / "config.yaml").read_text())
         data_yaml = resume_path / "data.yaml"
         saved_data = yaml.safe_load(data_yaml.read_text()) if data_yaml.exists() else {}
-        check_resumable(cfg, saved_cfg, manifest, saved_data)
+        check_resumable(cfg, saved_cfg, manifest, data_fp, saved_data)
 
     # ---- from here on, process groups exist --------------------------------------------------
     dist.initialize(seed=cfg.trainer.seed)
@@ -115,14 +122,16 @@ def train(cfg: Config, env: Optional[Dict[str, str]] = None, hooks: Optional[Dic
         clean_stale(ckpt_root)
         _write_yaml(run_dir / "config.yaml", cfg.to_dict())
         _write_yaml(run_dir / "data.yaml", {"path": str(manifest.root),
-                                            "fingerprint": manifest.fingerprint,
+                                            "blend": [[str(m.root), w] for m, w in sources],
+                                            "fingerprint": data_fp,
                                             "tokenizer_sha256": manifest.tokenizer_sha256})
     dist.barrier()
     try:
-        run = build_run(cfg, dist, manifest, vocab, run_dir, hooks or {})
+        run = build_run(cfg, dist, sources, vocab, run_dir, hooks or {})
         if resume_path is not None:
             saved_client = run.checkpointer.load(run.engine, resume_path)
             run.trainer.load_state_dict(saved_client.get("trainer_state", {}))
+            run.tracker.load_state_dict(saved_client)  # its wandb_id, if RUN_DIR/wandb_id is gone
             if dist.is_main:
                 log.info("resumed from %s at step %d", resume_path, run.trainer.state.step)
                 if run.trainer.state.step >= cfg.trainer.max_steps:

@@ -1,26 +1,36 @@
 """The training loop. It decides *when*; the engine does a step; callbacks do everything else.
 
-Callbacks have named hooks (on_train_start, on_step_end, on_train_end) and, when they hold
-state that must survive a restart, state_dict/load_state_dict (saved in every checkpoint).
+Callbacks have named hooks (on_train_start, on_before_update, on_step_end, on_train_end) and,
+when they hold state that must survive a restart, state_dict/load_state_dict (saved in every
+checkpoint).
+
+A skipped step: every rank has run forward and backward and knows the loss averaged over all
+ranks (one collective, so every rank sees the same value); a callback vetoes the update (a
+non-finite loss, a loss spike), or DeepSpeed's own check finds a non-finite gradient norm. The
+update is then discarded on every rank: parameters, optimizer state and LR schedule stay as they
+were, the gradients are zeroed, the data moves on, and state.skipped_steps counts the step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
 
+from pretrain import faults
+
 
 @dataclass
 class TrainState:
     """Counters that must survive a restart."""
 
-    step: int = 0  # optimizer steps completed
+    step: int = 0  # optimizer steps completed (skipped ones included)
     consumed_samples: int = 0  # global samples (sequences) consumed, all ranks together
     tokens_seen: int = 0
-    skipped_steps: int = 0
+    skipped_steps: int = 0  # steps whose update was discarded (non-finite or spiking loss)
     epoch_seconds: float = 0.0  # training wall time accumulated over all segments of the run
 
     def state_dict(self) -> Dict[str, Any]:
@@ -41,6 +51,8 @@ class StepOutput:
     lr: float
     samples: int  # global samples in this step
     tokens: int  # global tokens in this step
+    global_loss: float = float("nan")  # the loss averaged over all ranks (same on every rank)
+    skipped: Optional[str] = None  # why the update was discarded; None when it was applied
     extras: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -48,6 +60,12 @@ class Callback:
     name = "callback"
 
     def on_train_start(self, trainer: "Trainer") -> None: ...
+
+    def on_before_update(self, trainer: "Trainer", loss: float) -> Optional[str]:
+        """After backward, before the optimizer update; `loss` is the all-rank mean. A reason
+        returned here discards the update on every rank, so it may depend only on values that
+        are the same on every rank."""
+        return None
 
     def on_step_end(self, trainer: "Trainer", out: StepOutput) -> None: ...
 
@@ -87,10 +105,11 @@ class Trainer:
 
     def fit(self) -> TrainState:
         self._call("on_train_start")
-        self._batches = iter(self.make_batches(self.state.consumed_samples))
+        self.restart_data()
         while self.state.step < self.max_steps and self.stop_reason is None:
             out = self.train_step()
             self.state.step += 1
+            self.state.skipped_steps += out.skipped is not None
             self.state.consumed_samples += out.samples
             self.state.tokens_seen += out.tokens
             self.state.epoch_seconds += out.step_seconds
@@ -98,25 +117,40 @@ class Trainer:
         self._call("on_train_end")
         return self.state
 
+    def restart_data(self) -> None:
+        """Read batches from state.consumed_samples on (at the start, and after a rollback)."""
+        self._batches = iter(self.make_batches(self.state.consumed_samples))
+
     def train_step(self) -> StepOutput:
         """One optimizer step: grad_accum micro-batches through the DeepSpeed engine."""
-        engine, device = self.engine, self.dist.device
+        engine, device, rank = self.engine, self.dist.device, self.dist.rank
+        step = self.state.step + 1
+        faults.before_step(step, rank)  # drills only: nothing happens unless PRETRAIN_FAULTS is set
         lr = float(engine.get_lr()[0])
         t_start = time.perf_counter()
         data_s, losses = 0.0, []
-        for _ in range(self.grad_accum):
+        for i in range(self.grad_accum):
             t0 = time.perf_counter()
             batch = next(self._batches).to(device, non_blocking=True)  # (micro, seq_len + 1)
             data_s += time.perf_counter() - t0
-            loss = engine(batch)
+            loss = faults.perturb_loss(engine(batch), step, rank)
             engine.backward(loss)
-            engine.step()  # steps the optimizer only at the accumulation boundary
             losses.append(loss.detach())
+            if i + 1 < self.grad_accum:
+                engine.step()  # not the accumulation boundary: DeepSpeed only counts it
+        local_loss = torch.stack(losses).mean()
+        global_loss = self.dist.all_reduce_mean(local_loss)
+        skipped = next(filter(None, (c.on_before_update(self, global_loss) for c in self.callbacks)),
+                       None)
+        with discard_update(engine) if skipped else contextlib.nullcontext():
+            engine.step()  # the boundary: the optimizer update
+        if skipped is None and not engine.was_step_applied():
+            skipped = "nonfinite_grad"  # DeepSpeed's own overflow check, agreed over its groups
         step_s = time.perf_counter() - t_start
         samples = self.global_batch
-        return StepOutput(loss=torch.stack(losses).mean(), data_seconds=data_s,
-                          compute_seconds=step_s - data_s, step_seconds=step_s, lr=lr,
-                          samples=samples, tokens=samples * self.seq_len)
+        return StepOutput(loss=local_loss, data_seconds=data_s, compute_seconds=step_s - data_s,
+                          step_seconds=step_s, lr=lr, samples=samples,
+                          tokens=samples * self.seq_len, global_loss=global_loss, skipped=skipped)
 
     def state_dict(self) -> Dict[str, Any]:
         return {"trainer": self.state.state_dict(),
@@ -131,3 +165,38 @@ class Trainer:
     def _call(self, hook: str, *args) -> None:
         for c in self.callbacks:
             getattr(c, hook)(self, *args)
+
+
+@contextlib.contextmanager
+def discard_update(engine):
+    """Make the engine's next boundary step() discard its update through DeepSpeed's own
+    overflow path: parameters, optimizer state and LR schedule unchanged, gradients zeroed, the
+    engine's skipped_steps counts it.
+
+    The ZeRO optimizers (stages 1-3, every precision) find an overflow in step() and pass it to
+    _update_scale() before acting on it: forcing the flag there reuses their clean-up of the
+    gradient buffers. A genuine overflow still updates the fp16 loss scale; a vetoed finite step
+    leaves it alone. Other optimizers (ZeRO 0) get a no-op step() and an `overflow` attribute,
+    which the engine reads after stepping.
+    """
+    opt = engine.optimizer
+    if hasattr(opt, "_update_scale") and hasattr(opt, "overflow"):
+        update_scale = opt._update_scale
+
+        def forced(has_overflow=False, *args, **kwargs):
+            if has_overflow:
+                update_scale(has_overflow, *args, **kwargs)
+            opt.overflow = True
+
+        opt._update_scale = forced
+        try:
+            yield
+        finally:
+            del opt._update_scale  # the class's method again
+    else:
+        opt.step = lambda *args, **kwargs: None
+        opt.overflow = True
+        try:
+            yield
+        finally:
+            del opt.step, opt.overflow

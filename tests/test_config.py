@@ -20,6 +20,7 @@ from tests.launch_helpers import run_train, tiny_overrides
     (["schedule.name=exp"], 1, "schedule.name"),
     (["trainer.precision=fp8"], 1, "trainer.precision"),
     (["data.path=null"], 1, "data.path"),
+    (["data.blend=[/other]"], 1, "data.blend_weights"),  # a dataset without its weight
 ])
 def test_validation_names_the_setting(overrides, world, setting):
     cfg = compose_config(["experiment=debug", "data.path=/some/data", *overrides])

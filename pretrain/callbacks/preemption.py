@@ -1,33 +1,56 @@
-"""Stop cleanly on SIGUSR1/SIGTERM (Slurm's warning before the time limit, scancel, preemption).
+"""Stop cleanly on a signal: Slurm's warning before the time limit, scancel, preemption.
 
 The handler only sets a flag; at the end of every step the ranks agree (max over all ranks) so
 that all of them stop after the same step, even when only one of them got the signal. The
-checkpoint callback then saves and the launcher exits with EXIT_REQUEUE so the sbatch script
-requeues the job.
+checkpoint callback then saves and the launcher exits with EXIT_REQUEUE.
+
+Which signal tells what comes next (`wants_requeue`):
+    SIGUSR1, SIGUSR2  "save and come back": the warning before the time limit (the sbatch
+                      templates' `--signal=B:USR1@...`, forwarded to every task; the Hydra Slurm
+                      launcher's `--signal=USR2@signal_delay_s`, sent to every task). Whoever
+                      started the step requeues the job after the exit (slurm/lib.sh, or
+                      launch/train.py under hydra/launcher=slurm).
+    SIGTERM           "save and go": scancel, the time limit itself, or a preemption, after
+                      which Slurm itself requeues the job when the cluster is set up to.
+A signal may come more than once (torchrun forwarding what Slurm also sent, a second scancel):
+the flag only remembers the strongest one. Once a stop is under way the handler stays installed
+until the process exits, so a late copy cannot kill a rank between its save and its exit code.
+A signal that lands at the last step stops nothing: the run is complete, and exits 0.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+from typing import Optional
 
 from pretrain.trainer import Callback, StepOutput, Trainer
 
 log = logging.getLogger("pretrain")
 
 EXIT_REQUEUE = 3
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+_REASON = "signal "  # stop_reason = "signal SIGUSR1"; pretrain.run maps it to EXIT_REQUEUE
+
+
+def wants_requeue(stop_reason: Optional[str]) -> bool:
+    """True when the run stopped for a signal that asks to continue later (see the module doc)."""
+    if not stop_reason or not stop_reason.startswith(_REASON):
+        return False
+    return stop_reason[len(_REASON):] in {s.name for s in REQUEUE_SIGNALS}
 
 
 class PreemptionCallback(Callback):
     name = "preemption"
 
     def __init__(self):
-        self.received = 0
+        self.received = 0  # the signal number that asks to stop, 0 when none came
         self._previous = {}
 
     def _handler(self, signum, frame) -> None:
-        self.received = signum
+        # SIGTERM (15) outranks the USR signals (10, 12): a cancel after a warning is a cancel.
+        self.received = max(self.received, signum)
 
     def on_train_start(self, trainer: Trainer) -> None:
         for sig in SIGNALS:
@@ -35,12 +58,20 @@ class PreemptionCallback(Callback):
 
     def on_step_end(self, trainer: Trainer, out: StepOutput) -> None:
         agreed = int(trainer.dist.all_reduce_max(float(self.received)))
-        if agreed:
+        if not agreed or trainer.stop_reason is not None:
+            return
+        name = signal.Signals(agreed).name
+        if trainer.state.step >= trainer.max_steps:
             if trainer.dist.is_main:
-                log.warning("signal %s received: saving at step %d and stopping",
-                            signal.Signals(agreed).name, trainer.state.step)
-            trainer.request_stop(f"signal {signal.Signals(agreed).name}")
+                log.info("%s received at the last step: the run is complete", name)
+            return
+        if trainer.dist.is_main:
+            log.warning("%s received: saving at step %d and stopping", name, trainer.state.step)
+        trainer.request_stop(_REASON + name)
 
     def on_train_end(self, trainer: Trainer) -> None:
+        if self.received:
+            return  # keep absorbing copies of the signal until the process exits
         for sig, prev in self._previous.items():
             signal.signal(sig, prev)
+        self._previous.clear()

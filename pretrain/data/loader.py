@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.data.manifest import Manifest, decode_sample
-from pretrain.data.order import SampleOrder, Window, micro_batch_indices, owner
+from pretrain.data.order import BlendSchedule, SampleOrder, Window, micro_batch_indices, owner
 from pretrain.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,13 @@ class StreamSpec:
     window_shards: int = 4
     shuffle: bool = True
     max_bad_shards: int = 0
+    # More datasets sampled beside `manifest` (which has `weight`): ((manifest, weight), ...).
+    blend: Sequence[Tuple[Manifest, float]] = ()
+    weight: float = 1.0
+
+    @property
+    def sources(self) -> List[Tuple[Manifest, float]]:
+        return [(self.manifest, self.weight)] + list(self.blend)
 
 
 class ShardStream(IterableDataset):
@@ -52,48 +59,56 @@ class ShardStream(IterableDataset):
     def __init__(self, spec: StreamSpec, limit: Optional[int] = None):
         self.spec = spec
         self.limit = limit
-        info = spec.manifest.split(spec.split)
-        self.shards = info.shards
-        self.order = SampleOrder([s.samples for s in self.shards], spec.seed,
-                                 spec.window_shards, spec.shuffle)
+        sources = spec.sources
+        self.manifests = [m for m, _ in sources]
+        self.shards = [m.split(spec.split).shards for m in self.manifests]
+        # Dataset d's own sample order; the blend schedule interleaves the datasets.
+        self.orders = [SampleOrder([s.samples for s in shards], spec.seed + 1_000_003 * d,
+                                   spec.window_shards, spec.shuffle)
+                       for d, shards in enumerate(self.shards)]
+        self.blend = BlendSchedule([w for _, w in sources], spec.seed)
         self.bad_shards: List[str] = []
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         worker = get_worker_info()
         wid, workers = (worker.id, worker.num_workers) if worker else (0, 1)
         s = self.spec
-        cache = _WindowCache(self, wid, workers)
+        caches = [_WindowCache(self, d, wid, workers) for d in range(len(self.orders))]
         k = wid
         while self.limit is None or k < self.limit:
             idx = micro_batch_indices(s.start, k, s.dp, s.dp_rank, s.micro_batch_size)
-            rows = [cache.get(int(g)) for g in idx]
+            rows = [caches[d].get(local) for d, local in map(self.blend.locate, idx.tolist())]
             yield torch.from_numpy(np.stack(rows).astype(np.int64))  # (micro, seq_len + 1)
             k += workers
 
 
 class _WindowCache:
-    """The samples one worker owns in the current window, read when the window is entered."""
+    """The samples of dataset d that one worker owns in the current window of d's order, read
+    when the window is entered; keyed by d's own sample index."""
 
-    def __init__(self, stream: ShardStream, wid: int, workers: int):
-        self.stream, self.wid, self.workers = stream, wid, workers
+    def __init__(self, stream: ShardStream, d: int, wid: int, workers: int):
+        self.stream, self.d, self.wid, self.workers = stream, d, wid, workers
+        self.order = stream.orders[d]
+        self.shards = stream.shards[d]
         self.window: Optional[Window] = None
         self.rows: Dict[int, np.ndarray] = {}
 
     def get(self, g: int) -> np.ndarray:
         w = self.window
         if w is None or not (w.start <= g < w.start + w.size):
-            self._load(self.stream.order.window_of(g))
+            self._load(self.order.window_of(g))
         return self.rows[g]
 
     def _load(self, window: Window) -> None:
         st, s = self.stream, self.stream.spec
-        g = window.start + np.arange(window.size, dtype=np.int64)
+        local = window.start + np.arange(window.size, dtype=np.int64)
+        g = st.blend.global_of(self.d, local)
         rank, worker = owner(g, s.start, s.dp, s.micro_batch_size, self.workers)
         mine = (g >= s.start) & (rank == s.dp_rank) & (worker == self.wid)
         t = np.nonzero(mine)[0]
-        shard_of, index_of = window.locate(t, st.order.counts)
+        shard_of, index_of = window.locate(t, self.order.counts)
         wanted: Dict[int, Dict[int, int]] = {}
-        for pos, sh, ix in zip(g[t].tolist(), shard_of.tolist(), index_of.tolist()):
+        for pos, sh, ix in zip(local[t].tolist(), shard_of.tolist(), index_of.tolist()):
             wanted.setdefault(sh, {})[ix] = pos
         self.rows = {}
         missing: List[int] = []
@@ -111,7 +126,8 @@ class _WindowCache:
         """Samples `want` (index in shard -> global position) of shard `sh`. A tar that cannot be
         read counts as a bad shard; a readable sample with bad tokens is a DataError."""
         st = self.stream
-        info = st.shards[sh]
+        info = self.shards[sh]
+        manifest = st.manifests[self.d]
         out: Dict[int, np.ndarray] = {}
         samples = iter(wds.tariterators.tarfile_samples([{"url": info.url}]))
         i = -1
@@ -128,7 +144,7 @@ class _WindowCache:
                 if "tokens" not in sample:
                     raise DataError(f"{info.url}: sample {sample.get('__key__')} has no .tokens member")
                 try:
-                    out[want[i]] = decode_sample(sample["tokens"], st.spec.manifest)
+                    out[want[i]] = decode_sample(sample["tokens"], manifest)
                 except DataError as e:
                     raise DataError(f"shard {info.url}, sample {sample.get('__key__')}: {e}") from e
         if i + 1 != info.samples:

@@ -91,3 +91,67 @@ def owner(g: np.ndarray, start: int, dp: int, micro: int, workers: int) -> Tuple
     """(rank, worker) that reads each global index g >= start."""
     chunk = (g - start) // micro
     return chunk % dp, (chunk // dp) % workers
+
+
+class BlendSchedule:
+    """Which dataset each global sample comes from, for weighted blends: a pure function of g.
+
+    Global positions are cut into blocks of `block`; each block holds a fixed count of samples of
+    each dataset (largest-remainder rounding of weight x block) in a seeded random order. So
+    dataset d's k-th sample and its global position are computable both ways, which is what the
+    loader needs for exact resume and for rank/worker ownership.
+    """
+
+    def __init__(self, weights: Sequence[float], seed: int, block: int = 1000):
+        w = np.asarray(weights, dtype=np.float64)
+        if len(w) == 0 or np.any(w <= 0):
+            raise ValueError("blend weights must be positive")
+        w = w / w.sum()
+        exact = w * block
+        counts = np.floor(exact).astype(np.int64)
+        counts[np.argsort(-(exact - counts), kind="stable")[: block - counts.sum()]] += 1
+        if np.any(counts == 0):
+            raise ValueError(f"a blend weight is below 1/{block}: raise it or drop the dataset")
+        self.counts = counts
+        self.block = block
+        self.seed = seed
+        self._cache: dict = {}
+
+    @property
+    def single(self) -> bool:
+        return len(self.counts) == 1
+
+    def _assignment(self, b: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(dataset of each position in block b, rank of that position among its dataset's)."""
+        if b not in self._cache:
+            if len(self._cache) > 64:
+                self._cache.clear()
+            a = _rng(self.seed, 7919, b).permutation(np.repeat(np.arange(len(self.counts)), self.counts))
+            rank = np.empty(self.block, dtype=np.int64)
+            for d in range(len(self.counts)):
+                where = np.nonzero(a == d)[0]
+                rank[where] = np.arange(len(where))
+            self._cache[b] = (a, rank)
+        return self._cache[b]
+
+    def locate(self, g: int) -> Tuple[int, int]:
+        """Global position -> (dataset, index in that dataset's own sample stream)."""
+        if self.single:
+            return 0, int(g)
+        b, p = divmod(int(g), self.block)
+        a, rank = self._assignment(b)
+        d = int(a[p])
+        return d, b * int(self.counts[d]) + int(rank[p])
+
+    def global_of(self, d: int, local: np.ndarray) -> np.ndarray:
+        """Dataset d's stream indices -> their global positions."""
+        if self.single:
+            return local
+        c = int(self.counts[d])
+        b, j = np.divmod(local, c)
+        out = np.empty_like(local)
+        for blk in np.unique(b):
+            a, _ = self._assignment(int(blk))
+            where = b == blk
+            out[where] = blk * self.block + np.nonzero(a == d)[0][j[where]]
+        return out

@@ -100,3 +100,30 @@ def test_missing_shard_is_found_before_training(indexed_dataset, tmp_path):
     (root / "train" / "shard-000004.tar").unlink()
     with pytest.raises(DataError, match="shard-000004"):
         Manifest.load(root)
+
+
+def _tagged(tmp_path, name, n, tag, per_shard):
+    x = indexed_samples(n, 16, V, seed=tag)
+    x[:, 2] = tag  # which dataset a sample came from
+    return write_dataset(tmp_path / name, x, per_shard, V)
+
+
+def test_blend_respects_weights_and_resumes_exactly(tmp_path):
+    web = Manifest.load(_tagged(tmp_path, "web", 900, 1, [300, 300, 300]))
+    code = Manifest.load(_tagged(tmp_path, "code", 500, 2, [250, 250]))
+
+    def seq(dp, start, steps, micro):
+        spec = lambda r: StreamSpec(web, "train", start, micro, dp, r, 5, window_shards=2,
+                                    weight=0.7, blend=[(code, 0.3)])
+        per_rank = [list(make_loader(spec(r), num_workers=2, limit=steps)) for r in range(dp)]
+        return [(int(row[2]), sample_index(row, V)) for k in range(steps) for r in range(dp)
+                for row in per_rank[r][k].numpy()]
+
+    straight = seq(2, 0, 250, 3)  # 1500 samples
+    tags = [t for t, _ in straight]
+    assert abs(tags.count(1) / len(tags) - 0.7) < 0.02  # exact per 1000-sample block
+    # Each dataset's own stream is a permutation until it wraps into its next epoch.
+    web_seen = [i for t, i in straight if t == 1][:900]
+    assert sorted(web_seen) == list(range(900))
+    # Save/restore after 101 steps on 2 ranks, continue on 1 rank with the same global batch.
+    assert seq(2, 0, 101, 3) + seq(1, 606, 149, 6) == straight
