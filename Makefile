@@ -13,6 +13,9 @@ export OMP_NUM_THREADS ?= 2
 export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
+# The venv's tools (ninja for DeepSpeed's JIT ops) last, so a system ninja, when present, is the
+# one every process uses: two ninja versions make DeepSpeed rebuild its ops over and over.
+export PATH := $(PATH):$(abspath $(VENV))/bin
 
 .PHONY: install debug debug-data test bench clean
 

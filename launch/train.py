@@ -36,12 +36,12 @@ class RequeueError(PretrainError, RuntimeError):
 def _app(cfg: DictConfig) -> int:
     from pretrain.run import train
 
-    config = to_config(cfg)
     hydra_cfg = HydraConfig.get()
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
-    if sweep:
-        config.run.dir = hydra_cfg.runtime.output_dir  # RUN_DIR/<job num>, absolute
     try:
+        config = to_config(cfg)
+        if sweep:
+            config.run.dir = hydra_cfg.runtime.output_dir  # RUN_DIR/<job num>, absolute
         result = train(config)
     except PretrainError as e:
         if sweep:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -18,11 +18,11 @@ from pretrain.checkpoint import Checkpointer
 from pretrain.config import Config
 from pretrain.data.loader import StreamSpec, make_loader
 from pretrain.data.sources import Sources, fingerprint
-from pretrain.data.order import SampleOrder
 from pretrain.dist import Dist
 from pretrain.engine import build_engine
 from pretrain.model.gpt import GPT, count_parameters
 from pretrain.model.flops import flops_per_token, peak_flops
+from pretrain import reshard
 from pretrain.plan import count_params
 from pretrain.tracking import Tracker
 from pretrain.trainer import Trainer
@@ -47,27 +47,38 @@ def data_spec(cfg: Config, dist: Dist, sources: Sources, split: str, start: int)
                       max_bad_shards=cfg.data.max_bad_shards)
 
 
-def build_run(cfg: Config, dist: Dist, sources: Sources, vocab: int, run_dir: Path,
-              hooks: Dict[str, Any]) -> Run:
+def device_peak(cfg: Config, dist: Dist) -> Tuple[Optional[str], Optional[float]]:
+    """The device's name and peak dense bf16 FLOP/s for MFU: cluster.gpu_peak_tflops when set
+    (any device, a CPU too), else looked up from the GPU's name; None when unknown (no MFU)."""
+    name = torch.cuda.get_device_name(dist.device) if dist.device_type == "cuda" else None
+    if cfg.cluster.gpu_peak_tflops:
+        return name, cfg.cluster.gpu_peak_tflops * 1e12
+    return name, peak_flops(name)
+
+
+def build_run(cfg: Config, dist: Dist, sources: Sources, run_layout: reshard.Layout,
+              run_dir: Path, hooks: Dict[str, Any], load_universal: bool = False) -> Run:
+    """load_universal: the engine will load a universal checkpoint (a resume at another layout)."""
     manifest = sources[0][0]
     layout = cfg.layout(dist.world_size)
-    padded = cfg.model.padded_vocab_size(dist.tp, vocab)
+    padded = run_layout.padded_vocab_size
     model = GPT(cfg.model, padded, dist.tp, dist.device_type).to(dist.device)
     n_params = count_parameters(model)
     if cfg.trainer.compile:
         model = torch.compile(model)
-    engine = build_engine(model, cfg, dist)
+    engine = build_engine(model, cfg, dist, load_universal)
     tracker = Tracker(run_dir, cfg.logger, cfg.to_dict(), enabled=dist.is_main,
                       run_name=cfg.run.name or run_dir.name)
-    device_name = torch.cuda.get_device_name(dist.device) if dist.device_type == "cuda" else None
-    peak = cfg.cluster.gpu_peak_tflops * 1e12 if cfg.cluster.gpu_peak_tflops else peak_flops(device_name)
+    device_name, peak = device_peak(cfg, dist)
     fpt = flops_per_token(cfg.model, padded, manifest.seq_len)
     tracker.update_config({"parameters": count_params(cfg.model, padded).total,
                            "params_per_tp_rank": n_params, "padded_vocab_size": padded,
                            "flops_per_token": fpt, "device": device_name or dist.device_type,
                            "peak_tflops_per_device": peak / 1e12 if peak else None,
                            "world_size": dist.world_size, **layout})
-    checkpointer = Checkpointer(run_dir / "checkpoints", dist, cfg.trainer.keep_last)
+    checkpointer = Checkpointer(run_dir / "checkpoints", dist, cfg.trainer.keep_last,
+                                cfg.trainer.seed)
+    resharding = reshard.client_state(engine.module, run_layout, cfg.model.activation == "swiglu")
     pin = dist.device_type == "cuda"
     train_split = manifest.split("train")
 
@@ -79,13 +90,10 @@ def build_run(cfg: Config, dist: Dist, sources: Sources, vocab: int, run_dir: Pa
         spec = data_spec(cfg, dist, sources, "val", 0)
         return make_loader(spec, 0, pin, limit=cfg.trainer.eval_batches)
 
-    spec = data_spec(cfg, dist, sources, "train", 0)
-    order = SampleOrder([s.samples for s in train_split.shards], spec.seed, spec.window_shards,
-                        spec.shuffle)  # the loader's order, for the data position in the logs
+    position = DataPosition.of(data_spec(cfg, dist, sources, "train", 0))
     callbacks = [
         PreemptionCallback(),
-        MetricsLogger(tracker, cfg.trainer.log_every, fpt, peak, DataPosition(order),
-                      cfg.trainer.progress_bar),
+        MetricsLogger(tracker, cfg.trainer.log_every, fpt, peak, position, cfg.trainer.progress_bar),
     ]
     if cfg.trainer.eval_every and "val" in manifest.splits and manifest.split("val").samples > 0:
         callbacks.append(EvalCallback(cfg.trainer.eval_every, make_val_batches, tracker))
@@ -97,7 +105,7 @@ def build_run(cfg: Config, dist: Dist, sources: Sources, vocab: int, run_dir: Pa
     def client_state(tr: Trainer) -> Dict[str, Any]:
         return {"trainer_state": tr.state_dict(), **tracker.state_dict(),  # wandb_id
                 "data": {"consumed_samples": tr.state.consumed_samples,
-                         "fingerprint": fingerprint(sources)}}
+                         "fingerprint": fingerprint(sources)}, **resharding}
 
     callbacks.append(CheckpointCallback(checkpointer, cfg.trainer.checkpoint_every,
                                         cfg.trainer.checkpoint_every_min, client_state, extra_files))

@@ -5,6 +5,8 @@ Layout of `RUN_DIR/checkpoints/`:
                               config.yaml, tokenizer.json, COMMITTED)
     step_00000200.tmp/        a save in progress (or one that crashed): never loaded, removed at start
     latest                    the name of the newest committed checkpoint (replaced atomically)
+    step_00000100.universal/  its DeepSpeed universal form, made when a resume runs at another
+                              parallel layout (pretrain.reshard); removed with step_00000100/
 
 A save writes into `<name>.tmp`; after every rank has finished (barrier), rank 0 writes FILES
 (every file's size), the COMMITTED marker, renames the directory to `<name>` and replaces
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 
 MARKER = "COMMITTED"
 FILES = "FILES"  # JSON {relative path: size in bytes} of every file of the checkpoint
+LAYOUT = "layout.json"  # the parallel layout it was saved at (pretrain.reshard.Layout)
 _NAME = re.compile(r"^step_(\d{8})$")
 
 
@@ -63,6 +66,14 @@ def committed(root: Path) -> List[Path]:
 
 def step_of(path: Path) -> int:
     return int(_NAME.match(Path(path).name).group(1))
+
+
+UNIVERSAL = ".universal"
+
+
+def universal_dir(step_dir: Path) -> Path:
+    """Where the universal form of a step directory lives (a sibling, never inside it)."""
+    return Path(step_dir).with_name(Path(step_dir).name + UNIVERSAL)
 
 
 def file_sizes(path: Path) -> Dict[str, int]:
@@ -142,11 +153,31 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def reseed_value(seed: int, step: int) -> int:
+    """The seed a resume reseeds from when the checkpoint holds no RNG state for this layout:
+    a function of (trainer.seed, step) only, the same on every rank, because megatron needs the
+    default generators equal across a TP group; Dist.seed offsets the TP tracker per TP rank."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0] % 2**31)
+
+
+def _repair_optimizer(optimizer: torch.optim.Optimizer, decay: List[float]) -> None:
+    """Undo two faults of DeepSpeed 0.19.8's ZeRO-3 universal load (harmless elsewhere): it gives
+    every param group group 0's hyperparameters (biases and norms would be decayed), and one
+    shared `step` tensor to every group's state, which Adam then advances once per group per
+    step (wrong bias correction; the loss drifts ~1e-4 within a step)."""
+    for group, wd in zip(optimizer.param_groups, decay):
+        group["weight_decay"] = wd
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
 class Checkpointer:
-    def __init__(self, root: Path, dist, keep_last: int = 3):
+    def __init__(self, root: Path, dist, keep_last: int = 3, seed: int = 0):
         self.root = Path(root)
         self.dist = dist
         self.keep_last = keep_last
+        self.seed = seed
 
     def save(self, engine, step: int, client_state: Dict[str, Any],
              extra_files: Optional[Dict[str, Path]] = None) -> Path:
@@ -178,6 +209,9 @@ class Checkpointer:
             for dst, src in (extra_files or {}).items():
                 shutil.copyfile(src, tmp / dst)
             _fsync_write(tmp / "trainer.json", json.dumps(client_state.get("trainer_state", {})))
+            if "layout" in client_state:
+                _fsync_write(tmp / LAYOUT, json.dumps(client_state["layout"]))
+            shutil.rmtree(universal_dir(final), ignore_errors=True)  # made from the step replaced
             _fsync_write(tmp / FILES, json.dumps(file_sizes(tmp), indent=0))
             _fsync_write(tmp / MARKER, name)
             if final.exists():  # re-saving a step (e.g. after resume_from an older one)
@@ -197,15 +231,19 @@ class Checkpointer:
         found = committed(self.root)
         for old in found[:-self.keep_last]:
             if old != keep:
+                shutil.rmtree(universal_dir(old), ignore_errors=True)
                 shutil.rmtree(old, ignore_errors=True)
 
     def load(self, engine, path: Path, load_optimizer: bool = True) -> Dict[str, Any]:
         """Collective. Loads engine (model, optimizer, LR schedule) and this rank's RNG state;
-        returns the client state saved with it."""
+        returns the client state saved with it. `path` may be a universal form (pretrain.reshard),
+        for an engine built with "load_universal"."""
         path = Path(path)
         if not (path / MARKER).exists():
             raise CheckpointError(f"{path} has no {MARKER} marker: it is an incomplete save; "
                                   f"point trainer.resume_from at a committed checkpoint")
+        base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer
+        decay = [g["weight_decay"] for g in base.param_groups]
         try:
             loaded, client = engine.load_checkpoint(
                 str(path.parent), tag=path.name, load_optimizer_states=load_optimizer,
@@ -214,10 +252,23 @@ class Checkpointer:
             raise CheckpointError(f"cannot load {path}: {e}") from e
         if loaded is None:
             raise CheckpointError(f"DeepSpeed found no checkpoint files in {path}")
-        rng_file = path / f"rng_rank{self.dist.rank:05d}.pt"
-        if rng_file.exists():
-            set_rng_state(torch.load(rng_file, weights_only=False))
-        else:
-            log.warning("%s has no RNG state for rank %d (different world size); reseeding",
-                        path, self.dist.rank)
+        _repair_optimizer(base, decay)
+        self._load_rng(path)
         return client or {}
+
+    def _load_rng(self, path: Path) -> None:
+        """This rank's saved RNG state when the checkpoint was saved at this layout; otherwise
+        (another TP/DP layout, a universal form) every generator is reseeded deterministically."""
+        rng_file = path / f"rng_rank{self.dist.rank:05d}.pt"
+        saved = json.loads((path / LAYOUT).read_text()) if (path / LAYOUT).exists() else {}
+        now = (self.dist.tp, self.dist.dp)
+        same = (saved.get("tp", now[0]), saved.get("dp", now[1])) == now
+        if rng_file.exists() and same:
+            set_rng_state(torch.load(rng_file, weights_only=False))
+            return
+        step = int(re.match(r"step_(\d+)", path.name).group(1))
+        self.dist.seed(reseed_value(self.seed, step))
+        if self.dist.is_main:
+            log.warning("%s holds no RNG state for TP=%d x DP=%d: reseeded every generator "
+                        "from (trainer.seed=%d, step=%d); dropout masks differ from a run that "
+                        "was never resharded", path, self.dist.tp, self.dist.dp, self.seed, step)

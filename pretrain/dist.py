@@ -10,6 +10,7 @@ dp_rank = rank // tp; with world 4 and tp 2 the TP groups are {0,1},{2,3}, DP gr
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ import torch
 from pretrain.config import ParallelConfig
 from pretrain.errors import ConfigError, EnvironmentSetupError
 from pretrain.launcher_env import ProcessEnv, read_process_env
+
+log = logging.getLogger("pretrain")
 
 
 @dataclass
@@ -107,6 +110,13 @@ class Dist:
         import deepspeed
         from megatron.core import parallel_state
 
+        if (self.is_main and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+                and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0):
+            log.warning(
+                "torchrun --max-restarts with a rendezvous store shared with the workers: restarted "
+                "workers can read the previous attempt's addresses and fail to connect "
+                "(pytorch#135712); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and launch with "
+                "--rdzv-backend=c10d (or --standalone on one node)")
         if not torch.distributed.is_initialized():
             deepspeed.init_distributed(dist_backend=self.backend, timeout=self.init_timeout,
                                        auto_mpi_discovery=False, verbose=False)

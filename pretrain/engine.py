@@ -91,7 +91,7 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device_type: str, of
                              fused=fused or None, foreach=None if fused else True)
 
 
-def deepspeed_config(cfg: Config, dist: Dist) -> Dict[str, Any]:
+def deepspeed_config(cfg: Config, dist: Dist, load_universal: bool = False) -> Dict[str, Any]:
     layout = cfg.layout(dist.world_size)
     precision = cfg.trainer.precision
     zero: Dict[str, Any] = {"stage": cfg.parallel.zero_stage}
@@ -114,11 +114,12 @@ def deepspeed_config(cfg: Config, dist: Dist) -> Dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
-        "checkpoint": {"load_universal": False},
+        # True to resume from a universal checkpoint at another layout (pretrain.reshard).
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
-def build_engine(model: nn.Module, cfg: Config, dist: Dist):
+def build_engine(model: nn.Module, cfg: Config, dist: Dist, load_universal: bool = False):
     """deepspeed.initialize with our optimizer, LR schedule and the megatron mpu adapter."""
     import deepspeed
 
@@ -130,7 +131,7 @@ def build_engine(model: nn.Module, cfg: Config, dist: Dist):
         optimizer=optimizer,
         lr_scheduler=scheduler,
         mpu=MegatronMPU(),
-        config=deepspeed_config(cfg, dist),
+        config=deepspeed_config(cfg, dist, load_universal),
         dist_init_required=False,
     )
     return engine

@@ -45,6 +45,9 @@ LLAMA_LAYOUT = {"position_embedding": "rope", "normalization": "RMSNorm", "activ
 # row-parallel biases, position embeddings) is replicated on every TP rank.
 _COLUMN_PARALLEL = re.compile(r"(word_embeddings|output_layer|linear_qkv|linear_fc1)\.(weight|bias)$")
 _ROW_PARALLEL = re.compile(r"(linear_proj|linear_fc2)\.weight$")
+# How a parameter is split over TP ranks, by name: one of these (shared with pretrain.reshard,
+# which derives the same from megatron's parameter attributes and checks that the two agree).
+ROW, COLUMN, GATED, REPLICATED = "row", "column", "gated", "replicated"
 # TransformerEngine's spec fuses the pre-attention/pre-MLP norms into the next linear layer.
 _TE_NAMES = {"self_attention.linear_qkv.layer_norm_": "input_layernorm.",
              "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm."}
@@ -161,6 +164,16 @@ def _rank_state(step_dir: Path, tp_rank: int) -> State:
             if not k.endswith("._extra_state")}
 
 
+def tp_split(name: str, swiglu: bool) -> str:
+    """ROW: split on dim 1. COLUMN: split on dim 0. GATED: SwiGLU's fc1, two sub-parameters
+    [gate; up] each split on dim 0 (a rank holds [gate_r; up_r]). REPLICATED: whole on every rank."""
+    if _ROW_PARALLEL.search(name):
+        return ROW
+    if _COLUMN_PARALLEL.search(name):
+        return GATED if swiglu and "linear_fc1" in name else COLUMN
+    return REPLICATED
+
+
 def merge_tensor_parallel(shards: List[State], swiglu: bool) -> State:
     """The TP=1 state dict from the TP ranks' state dicts (megatron-core's layout)."""
     names = list(shards[0])
@@ -171,15 +184,16 @@ def merge_tensor_parallel(shards: List[State], swiglu: bool) -> State:
     merged = {}
     for name in names:
         parts = [s[name] for s in shards]
+        split = tp_split(name, swiglu)
         if len(parts) == 1:
             merged[name] = parts[0]
-        elif _ROW_PARALLEL.search(name):
+        elif split == ROW:
             merged[name] = torch.cat(parts, dim=1)
-        elif _COLUMN_PARALLEL.search(name) and swiglu and "linear_fc1" in name:
+        elif split == GATED:
             # Each rank holds [gate_r; up_r]; the TP=1 layout is [gate_0 .. gate_n; up_0 .. up_n].
             gates, ups = zip(*(p.chunk(2, dim=0) for p in parts))
             merged[name] = torch.cat(gates + ups, dim=0)
-        elif _COLUMN_PARALLEL.search(name):
+        elif split == COLUMN:
             # linear_qkv holds whole query groups per rank, so plain concatenation keeps
             # megatron's per-group [q heads, k, v] interleaving.
             merged[name] = torch.cat(parts, dim=0)

@@ -62,7 +62,7 @@ def before_step(step: int, rank: int) -> None:
         print(f"[fault] rank {rank} exits at step {step}", flush=True)
         os._exit(1)
     if active("hang", step, rank):
-        print(f"[fault] rank {rank} hangs at step {step}", flush=True)
+        print(f"[fault] rank {rank} hangs at step {step} (unix time {time.time():.1f})", flush=True)
         while True:
             time.sleep(3600)
 

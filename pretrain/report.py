@@ -138,6 +138,7 @@ def plot(m: Metrics, out: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
 
     t, steps = m.train, [r["step"] for r in m.train]
     fig, ax = plt.subplots(2, 3, figsize=(15, 8), dpi=80)
@@ -147,22 +148,15 @@ def plot(m: Metrics, out: Path) -> Path:
     if m.val:
         loss.plot(_values(m.val, "tokens_seen"), _values(m.val, "val_loss"), "o-", label="validation")
     loss.set(title="Loss", xlabel="tokens seen", ylabel="cross entropy")
+    loss.xaxis.set_major_formatter(EngFormatter())
     loss.legend()
 
     lr.plot(steps, _values(t, "lr"))
     lr.set(title="Learning rate", xlabel="step")
 
-    perf.plot(steps, _values(t, "tokens_per_s"), label="tokens/s (all devices)")
-    perf.set(title="Throughput", xlabel="step", ylabel="tokens/s")
-    twin = perf.twinx()
-    if _present(t, "mfu"):
-        twin.plot(steps, [100 * x for x in _values(t, "mfu")], color="tab:red", label="MFU %")
-        twin.set_ylabel("MFU %")
-    else:
-        twin.plot(steps, _values(t, "tflops_per_device"), color="tab:red", label="TFLOP/s per device")
-        twin.set_ylabel("TFLOP/s per device (no MFU: peak unknown)")
-    handles = perf.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    perf.legend(handles, [h.get_label() for h in handles], loc="lower right")
+    perf.plot(steps, _values(t, "tokens_per_s"))
+    perf.set(title="Throughput", xlabel="step", ylabel="tokens/s (all devices)")
+    _second_scale(perf, t)
 
     gnorm.plot(steps, _values(t, "grad_norm"))
     g = _present(t, "grad_norm")
@@ -190,6 +184,20 @@ def plot(m: Metrics, out: Path) -> Path:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def _second_scale(ax, records: Sequence[Dict[str, Any]]) -> None:
+    """MFU (or, without a known peak, TFLOP/s per device) as a right-hand scale of the tokens/s
+    axis: both are tokens/s times a constant of the run, so one curve shows all three."""
+    for key, label, factor in (("mfu", "MFU %", 100.0),
+                               ("tflops_per_device", "TFLOP/s per device (peak unknown: no MFU)", 1.0)):
+        pairs = [(r[key], r["tokens_per_s"]) for r in records
+                 if r.get(key) is not None and r.get("tokens_per_s")]
+        if pairs:
+            k = factor * pairs[-1][0] / pairs[-1][1]
+            right = ax.secondary_yaxis("right", functions=(lambda x: x * k, lambda y: y / k))
+            right.set_ylabel(label)
+            return
 
 
 def make_report(run_dir: Path, out_dir: Optional[Path] = None) -> Dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional
 
 import yaml
 
+from pretrain import reshard
 from pretrain.checkpoint import Checkpointer, clean_stale, damaged, find_latest
 from pretrain.config import Config
 from pretrain.data.manifest import Manifest
@@ -109,11 +110,14 @@ def train(cfg: Config, env: Optional[Dict[str, str]] = None, hooks: Optional[Dic
     ckpt_root = run_dir / "checkpoints"
     resume_path = find_resume_point(cfg, ckpt_root)
     saved_client: Dict[str, Any] = {}
+    saved_layout = None
     if resume_path is not None:
         saved_cfg = yaml.safe_load((resume_path / "config.yaml").read_text())
         data_yaml = resume_path / "data.yaml"
         saved_data = yaml.safe_load(data_yaml.read_text()) if data_yaml.exists() else {}
         check_resumable(cfg, saved_cfg, manifest, data_fp, saved_data)
+        saved_layout = reshard.read_layout(resume_path, saved_cfg, vocab)
+    run_layout = reshard.current_layout(cfg, dist, vocab, saved_layout)
 
     # ---- from here on, process groups exist --------------------------------------------------
     dist.initialize(seed=cfg.trainer.seed)
@@ -127,7 +131,10 @@ def train(cfg: Config, env: Optional[Dict[str, str]] = None, hooks: Optional[Dic
                                             "tokenizer_sha256": manifest.tokenizer_sha256})
     dist.barrier()
     try:
-        run = build_run(cfg, dist, sources, vocab, run_dir, hooks or {})
+        if resume_path is not None:  # saved at another layout: its universal form, made once
+            resume_path = reshard.prepare(resume_path, saved_layout, run_layout, dist)
+        run = build_run(cfg, dist, sources, run_layout, run_dir, hooks or {},
+                        load_universal=reshard.is_universal(resume_path))
         if resume_path is not None:
             saved_client = run.checkpointer.load(run.engine, resume_path)
             run.trainer.load_state_dict(saved_client.get("trainer_state", {}))

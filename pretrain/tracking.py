@@ -33,7 +33,8 @@ METRICS_FILE = "metrics.jsonl"
 SECTIONS = ("train", "val", "perf", "system", "data")
 STEP_AXIS = "trainer/step"
 TOKENS_AXIS = "train/tokens_seen"
-JSONL_ONLY = ("step", "time")  # W&B has its own step axis (STEP_AXIS) and timestamps
+# Sent to W&B under the axis names (step, tokens_seen) or not at all (W&B keeps its own time).
+JSONL_ONLY = ("step", "tokens_seen", "time")
 
 
 def _clean(value: Any) -> Any:
@@ -144,8 +145,9 @@ class Tracker:
             if clean.get("tokens_seen") is not None:
                 payload[TOKENS_AXIS] = clean["tokens_seen"]
             # W&B's own step = the optimizer step, so that the offline directories of several
-            # jobs sync into one monotonic history. Steps replayed after a crash (logged again
-            # from the last checkpoint) are below it and W&B keeps the first values.
+            # jobs sync into one monotonic history. Steps logged again (after a crash, from the
+            # last checkpoint; after a stability rollback) fall below it: W&B keeps their first
+            # values, metrics.jsonl and pretrain-report the last.
             self.wandb_run.log(payload, step=int(clean["step"]))
 
     def update_config(self, values: Dict[str, Any]) -> None:

@@ -8,7 +8,8 @@
 #      every task on every node. (bash runs a trap only between commands, so srun runs in the
 #      background and the shell sits in `wait`.)
 #   3. Each training process catches SIGUSR1 (or SIGTERM), saves a checkpoint and exits with
-#      PRETRAIN_STOP_EXIT (3).
+#      PRETRAIN_STOP_EXIT (3). The first rank to exit makes srun (--kill-on-bad-exit) SIGTERM the
+#      others; they ignore signals once stopping, so they exit 3 too and srun returns 3.
 #   4. The batch shell sees 3 (or, under torchrun, which hides its workers' codes, any failure after
 #      it forwarded a stop) and runs `scontrol requeue $SLURM_JOB_ID`, at most MAX_REQUEUES times in
 #      all (SLURM_RESTART_COUNT counts every requeue, Slurm's own included). The job keeps its id,

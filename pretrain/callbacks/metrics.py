@@ -1,8 +1,9 @@
 """Log the step metrics: metrics.jsonl + W&B (rank 0) and the console (a progress bar when
 interactive, plain periodic lines in batch jobs so Slurm logs get no carriage-return spam).
 
-Every `log_every` steps one record: the mean loss over the window and over data-parallel ranks
-(one all-reduce), the rest from rank 0's clocks and counters. Throughput and times are window
+Every `log_every` steps one record, written by rank 0 with no collective: the mean over the
+window of the trainer's all-rank loss (non-finite losses of skipped steps left out), the
+gradient norm of the last step, rank 0's clocks and counters. Throughput and times are window
 means. MFU follows BENCHMARKS.md: tokens/s per device x (6N + 12LHQT) / peak; it is null when
 the device's peak is unknown (CPUs; set cluster.gpu_peak_tflops to give one).
 """
@@ -13,11 +14,12 @@ import logging
 import math
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from pretrain.data.loader import ShardStream, StreamSpec
 from pretrain.data.order import SampleOrder, Window
 from pretrain.trainer import Callback, StepOutput, Trainer
 
@@ -28,7 +30,7 @@ log = logging.getLogger("pretrain")
 WANDB_NAMES = {
     "loss": "train/loss", "ppl": "train/perplexity", "lr": "train/lr",
     "grad_norm": "train/grad_norm", "skipped_steps": "train/skipped_steps",
-    "overflow_steps": "train/overflow_steps", "tokens_seen": "train/tokens_seen",
+    "tokens_seen": "train/tokens_seen",
     "tokens_per_s": "perf/tokens_per_s", "tokens_per_s_per_device": "perf/tokens_per_s_per_device",
     "tflops_per_device": "perf/tflops_per_device", "mfu": "perf/mfu",
     "step_time": "perf/step_time", "data_time": "perf/data_time",
@@ -36,24 +38,33 @@ WANDB_NAMES = {
     "optimizer_time": "perf/optimizer_time", "elapsed_s": "perf/elapsed_s",
     "peak_memory_gb": "system/peak_memory_gb",
     "consumed_samples": "data/consumed_samples", "epoch": "data/epoch", "shard": "data/shard",
+    "dataset": "data/dataset",
     "val_loss": "val/loss", "val_ppl": "val/perplexity",
 }
 
 
 class DataPosition:
-    """Where training is in the data, from the one number `consumed` (global samples): the
-    fractional epoch and the shard holding the next sample, in the loader's own order."""
+    """Where training is in the data, from the one number `consumed` (global samples), in the
+    loader's own order: the dataset of the next sample (0 = data.path; others with a blend), and
+    that dataset's fractional epoch and shard holding the next sample."""
 
-    def __init__(self, order: SampleOrder):
-        self.order = order
-        self._window: Optional[Window] = None  # the window of the last call (its perm is O(size))
+    def __init__(self, orders: Sequence[SampleOrder], locate: Callable[[int], Tuple[int, int]]):
+        self.orders = orders
+        self.locate = locate  # global position -> (dataset, index in that dataset's stream)
+        self._windows: Dict[int, Window] = {}  # the last window per dataset (its perm is O(size))
+
+    @classmethod
+    def of(cls, spec: StreamSpec) -> "DataPosition":
+        stream = ShardStream(spec)  # builds the orders only; reads nothing
+        return cls(stream.orders, stream.blend.locate)
 
     def __call__(self, consumed: int) -> Dict[str, Any]:
-        w = self._window
-        if w is None or not w.start <= consumed < w.start + w.size:
-            w = self._window = self.order.window_of(consumed)
-        shard, _ = w.locate(np.array([consumed - w.start]), self.order.counts)
-        return {"epoch": consumed / self.order.epoch_size, "shard": int(shard[0])}
+        d, local = self.locate(consumed)
+        order, w = self.orders[d], self._windows.get(d)
+        if w is None or not w.start <= local < w.start + w.size:
+            w = self._windows[d] = order.window_of(local)
+        shard, _ = w.locate(np.array([local - w.start]), order.counts)
+        return {"dataset": d, "epoch": local / order.epoch_size, "shard": int(shard[0])}
 
 
 class MetricsLogger(Callback):
@@ -67,12 +78,16 @@ class MetricsLogger(Callback):
         self.peak_flops = peak_flops  # FLOP/s of one device; None: unknown, no MFU
         self.data_position = data_position
         self.progress = progress
-        self._losses: List[torch.Tensor] = []
+        self._losses: List[float] = []  # the window's all-rank mean losses (the trainer's)
         self._window = dict.fromkeys(("step", "data", "compute", "optimizer", "tokens"), 0.0)
         self._timed_optimizer = 0  # steps in the window whose StepOutput timed the optimizer
+        self._own_grad_norm = False  # True where DeepSpeed computes no norm to report
+        self._grad_norm: Optional[float] = None
         self._bar = None
 
     def on_train_start(self, trainer: Trainer) -> None:
+        e = trainer.engine
+        self._own_grad_norm = not (e.zero_optimization() or e.bfloat16_enabled() or e.fp16_enabled())
         if not trainer.dist.is_main:
             return
         self.tracker.start(trainer.state.step, trainer.state.tokens_seen)
@@ -83,8 +98,13 @@ class MetricsLogger(Callback):
             self._bar = tqdm(total=trainer.max_steps, initial=trainer.state.step, unit="step",
                              dynamic_ncols=True)
 
+    def on_before_update(self, trainer: Trainer, loss: float) -> None:
+        if self._own_grad_norm:  # every step: a stop may make any step a log step
+            self._grad_norm = grad_norm_before_clipping(trainer.engine)
+        return None
+
     def on_step_end(self, trainer: Trainer, out: StepOutput) -> None:
-        self._losses.append(out.loss)
+        self._losses.append(out.global_loss)
         w = self._window
         w["step"] += out.step_seconds
         w["data"] += out.data_seconds
@@ -100,32 +120,29 @@ class MetricsLogger(Callback):
             self._emit(trainer, out)
 
     def _emit(self, trainer: Trainer, out: StepOutput) -> None:
-        # One collective per log line: the mean loss over the window and over all ranks.
-        loss = torch.stack(self._losses).mean().float().reshape(1)
-        if trainer.dist.world_size > 1:
-            loss = loss.to(trainer.dist._comm_device())
-            torch.distributed.all_reduce(loss)
-            loss = loss / trainer.dist.world_size
-        record = self._record(trainer, out, float(loss.item()), len(self._losses))
+        # No collective: the trainer's loss is already the all-rank mean, the rest is rank 0's.
+        if trainer.dist.is_main:
+            record = self._record(trainer, out)
+            self.tracker.log(record, WANDB_NAMES)
+            self._console(trainer, record)
         self._losses.clear()
         self._window = dict.fromkeys(self._window, 0.0)
         self._timed_optimizer = 0
-        if trainer.dist.is_main:
-            self.tracker.log(record, WANDB_NAMES)
-            self._console(trainer, record)
 
-    def _record(self, trainer: Trainer, out: StepOutput, loss: float, n: int) -> Dict[str, Any]:
-        w, state, engine = self._window, trainer.state, trainer.engine
+    def _record(self, trainer: Trainer, out: StepOutput) -> Dict[str, Any]:
+        w, state, engine, n = self._window, trainer.state, trainer.engine, len(self._losses)
+        finite = [x for x in self._losses if math.isfinite(x)]  # skipped steps may be NaN/inf
+        loss = sum(finite) / len(finite) if finite else None
         tps = w["tokens"] / w["step"] if w["step"] > 0 else 0.0
         tps_dev = tps / trainer.dist.world_size
-        grad_norm = engine.get_global_grad_norm()  # before clipping (ZeRO 1-3, bf16); None at ZeRO 0 fp32
+        # Before clipping: DeepSpeed's (ZeRO 1-3, bf16, fp16), else our own (ZeRO 0 in fp32).
+        grad_norm = self._grad_norm if self._own_grad_norm else engine.get_global_grad_norm()
         timed = self._timed_optimizer == n
         return {
             "step": state.step, "tokens_seen": state.tokens_seen,
-            "loss": loss, "ppl": math.exp(min(loss, 50.0)), "lr": out.lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "skipped_steps": state.skipped_steps,
-            "overflow_steps": int(getattr(engine, "skipped_steps", 0)),  # fp16 loss-scale skips
+            "loss": loss, "ppl": math.exp(min(loss, 50.0)) if loss is not None else None,
+            "lr": out.lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "skipped_steps": state.skipped_steps,  # updates discarded: bad loss or gradient
             "tokens_per_s": tps, "tokens_per_s_per_device": tps_dev,
             "tflops_per_device": tps_dev * self.flops_per_token / 1e12,
             "mfu": tps_dev * self.flops_per_token / self.peak_flops if self.peak_flops else None,
@@ -139,20 +156,40 @@ class MetricsLogger(Callback):
 
     def _console(self, trainer: Trainer, r: Dict[str, Any]) -> None:
         if self._bar is not None:  # tqdm shows step, rate and ETA itself
-            self._bar.set_postfix_str(f"loss {r['loss']:.4f} tok/s {r['tokens_per_s']:,.0f}",
-                                      refresh=False)
+            self._bar.set_postfix_str(f"loss {_num(r['loss'], '.4f')} "
+                                      f"tok/s {r['tokens_per_s']:,.0f}", refresh=False)
             return
-        gnorm = "n/a" if r["grad_norm"] is None else f"{r['grad_norm']:.3f}"
         mfu = f" mfu {r['mfu']:.1%}" if r["mfu"] is not None else ""
         eta = (trainer.max_steps - r["step"]) * r["step_time"]
-        log.info("step %d/%d loss %.4f lr %.3e gnorm %s tok/s %s%s eta %s", r["step"],
-                 trainer.max_steps, r["loss"], r["lr"], gnorm, f"{r['tokens_per_s']:,.0f}", mfu,
-                 _fmt_seconds(eta))
+        log.info("step %d/%d loss %s lr %.3e gnorm %s tok/s %s%s eta %s", r["step"],
+                 trainer.max_steps, _num(r["loss"], ".4f"), r["lr"], _num(r["grad_norm"], ".3f"),
+                 f"{r['tokens_per_s']:,.0f}", mfu, _fmt_seconds(eta))
 
     def on_train_end(self, trainer: Trainer) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def grad_norm_before_clipping(engine) -> float:
+    """The global gradient norm where DeepSpeed reports none (ZeRO 0 in fp32: its clipping
+    computes the norm and drops it), computed as that clipping does: after the data-parallel
+    all-reduce, TP-sharded parameters on every TP rank, replicated ones on TP rank 0 only, summed
+    over the TP group. Collective over the TP group."""
+    from deepspeed.runtime.utils import is_model_parallel_parameter
+
+    mpu = engine.mpu
+    tp_rank = mpu.get_model_parallel_rank() if mpu is not None else 0
+    squares = [p.grad.detach().float().pow(2).sum() for p in engine.module.parameters()
+               if p.grad is not None and (tp_rank == 0 or is_model_parallel_parameter(p))]
+    total = torch.stack(squares).sum().reshape(1) if squares else torch.zeros(1)
+    if mpu is not None and mpu.get_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(total, group=mpu.get_model_parallel_group())
+    return float(total.sqrt())
+
+
+def _num(x: Optional[float], fmt: str) -> str:
+    return "n/a" if x is None else format(x, fmt)
 
 
 def _fmt_seconds(s: float) -> str:

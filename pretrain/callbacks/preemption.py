@@ -13,8 +13,8 @@ Which signal tells what comes next (`wants_requeue`):
     SIGTERM           "save and go": scancel, the time limit itself, or a preemption, after
                       which Slurm itself requeues the job when the cluster is set up to.
 A signal may come more than once (torchrun forwarding what Slurm also sent, a second scancel):
-the flag only remembers the strongest one. Once a stop is under way the handler stays installed
-until the process exits, so a late copy cannot kill a rank between its save and its exit code.
+the flag only remembers the strongest one, and once the stop is under way the signals are ignored
+until the process exits, so that no rank dies by a signal between its save and its exit code 3.
 A signal that lands at the last step stops nothing: the run is complete, and exits 0.
 """
 
@@ -70,8 +70,10 @@ class PreemptionCallback(Callback):
         trainer.request_stop(_REASON + name)
 
     def on_train_end(self, trainer: Trainer) -> None:
-        if self.received:
-            return  # keep absorbing copies of the signal until the process exits
         for sig, prev in self._previous.items():
-            signal.signal(sig, prev)
+            # After a stop, ignore the signals until the process exits: a late copy, or the
+            # SIGTERM with which srun --kill-on-bad-exit ends the step once the first rank has
+            # exited 3, must not turn this rank's exit 3 into a death by signal. SIG_IGN, not a
+            # Python handler: the interpreter resets those to the default while it shuts down.
+            signal.signal(sig, signal.SIG_IGN if self.received else prev)
         self._previous.clear()

@@ -84,14 +84,15 @@ class StabilityCallback(Callback):
         target = self._rollback_target(first_bad)
         what = (f"{self.streak} consecutive steps ({first_bad}..{step}) were skipped, the last "
                 f"for {out.skipped}")
-        if self.cfg.on_bad_steps == "stop" or target is None or self.rollbacks >= self.cfg.max_rollbacks:
+        exhausted = self.rollbacks >= self.cfg.max_rollbacks
+        if self.cfg.on_bad_steps == "stop" or target is None or exhausted:
             why = ("stability.on_bad_steps=stop" if self.cfg.on_bad_steps == "stop" else
                    "no intact checkpoint from before them" if target is None else
                    f"stability.max_rollbacks={self.cfg.max_rollbacks} rollbacks were already done")
             raise TrainingUnstableError(
-                f"{what}; stopping ({why}). Lower optimizer.lr or tighten optimizer.grad_clip, "
-                f"or raise stability.max_bad_steps / set stability.on_bad_steps=rollback; the run "
-                f"resumes from its latest checkpoint in {self.checkpointer.root}")
+                f"{what}; stopping ({why}). Lower optimizer.lr or tighten optimizer.grad_clip, or "
+                f"raise stability.max_bad_steps / stability.max_rollbacks; a plain restart resumes "
+                f"from the latest checkpoint in {self.checkpointer.root} and reads the same data")
         self.rollback(trainer, target, what)
 
     def _rollback_target(self, first_bad: int) -> Optional[Path]:
@@ -102,7 +103,8 @@ class StabilityCallback(Callback):
 
     def rollback(self, trainer: Trainer, path: Path, what: str) -> None:
         """Collective. Back to `path`'s weights and counters, the data position kept."""
-        keep = {k: getattr(trainer.state, k) for k in ("consumed_samples", "skipped_steps", "epoch_seconds")}
+        kept = ("consumed_samples", "skipped_steps", "epoch_seconds")
+        keep = {k: getattr(trainer.state, k) for k in kept}
         rollbacks = self.rollbacks + 1
         client = self.checkpointer.load(trainer.engine, path)
         trainer.load_state_dict(client.get("trainer_state", {}))  # this callback's state too

@@ -1,4 +1,4 @@
-"""A real Slurm for tests: the `slurm` fixture and its `submit` helper.
+"""A real Slurm for tests: the `slurm` fixture and its `submit` helper, and `pretrain_bin`.
 
 The cluster is the one-node cluster that `.ci/slurm_up.sh` starts (`make test` under `.ci/run`).
 Without it the tests that ask for `slurm` skip and say why. There is no slurmdbd, so no sacct:
@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterable, Mapping, NamedTuple, Optional, Union
+from typing import Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Union
 
 import pytest
 
@@ -65,10 +66,19 @@ def why_no_slurm() -> Optional[str]:
 class Slurm:
     """Submit batch jobs to the local cluster and wait for them."""
 
+    def __init__(self):
+        self._stdout: Dict[int, Path] = {}  # job id -> its --output file
+
     def env(self, extra: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
-        """The environment a job gets (sbatch exports it): this venv first on PATH, the repo importable."""
+        """The environment a job gets (sbatch exports it): this venv on PATH, the repo importable.
+
+        The venv's bin goes last: a job then finds its own tools (torchrun) but the same `ninja`
+        as the tests that run outside Slurm. Two ninjas (a system 1.11 and the venv's pip 1.13)
+        write incompatible .ninja_log files, and DeepSpeed's JIT-built ops would be rebuilt by
+        every process that found the other one (a minute of CPU each).
+        """
         env = dict(os.environ)
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env["PATH"] = f"{env.get('PATH', '')}{os.pathsep}{Path(sys.executable).parent}"
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
         env.update(extra or {})
         return env
@@ -84,32 +94,46 @@ class Slurm:
         out = _run("sbatch", "--parsable", *sbatch_args, str(script), *args, cwd=cwd, env=self.env(env))
         if out.returncode != 0:
             raise AssertionError(f"sbatch {script} failed: {out.stderr.strip()}")
-        return int(out.stdout.strip().split(";")[0])
+        job_id = int(out.stdout.strip().split(";")[0])
+        self._stdout[job_id] = self.output_path(job_id)  # learn it now, while Slurm knows the job
+        return job_id
 
     def output_path(self, job_id: int) -> Path:
-        return Path(job_info(job_id)["StdOut"])
+        return self._stdout.get(job_id) or Path(job_info(job_id)["StdOut"])
 
     def wait(self, job_id: int, timeout: float = 30, release_requeued: bool = True) -> JobResult:
         """Poll until the job reaches a final state; read its output file.
 
         release_requeued: start a requeued job as soon as Slurm can, not after its ~2 minute hold.
         """
-        info = job_info(job_id)
-        out_path = Path(info["StdOut"])  # learn it now: Slurm forgets the job MinJobAge after the end
+        return self.wait_all([job_id], timeout, release_requeued)[0]
+
+    def wait_all(self, job_ids: Sequence[int], timeout: float = 30,
+                 release_requeued: bool = True) -> List[JobResult]:
+        """wait() for several jobs at once: Slurm forgets a job MinJobAge (60 s) after it ends, so a
+        job that finishes while the test waits for another must be seen ending by the same loop."""
+        infos = {j: job_info(j) for j in job_ids}
+        paths = {j: self._stdout.get(j) or Path(infos[j]["StdOut"]) for j in job_ids}
+        read = {j: (lambda p=paths[j]: p.read_text() if p.exists() else "(no output file)") for j in job_ids}
+        done: Dict[int, JobResult] = {}
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            info = job_info(job_id) or info
-            state = info.get("JobState", "UNKNOWN")
-            if state in FINAL_STATES:
-                return JobResult(job_id, state, out_path.read_text() if out_path.exists() else "")
-            if release_requeued and state == "PENDING" and info.get("Reason") == "BeginTime" \
-                    and int(info.get("Restarts", "0")) > 0 and self._requeued_for(info) > REQUEUE_SETTLE_S:
-                _run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+        while time.monotonic() < deadline and len(done) < len(job_ids):
+            for j in (j for j in job_ids if j not in done):
+                info = infos[j] = job_info(j) or infos[j]
+                state = info.get("JobState", "UNKNOWN")
+                if state in FINAL_STATES:
+                    done[j] = JobResult(j, state, read[j]())
+                elif release_requeued and state == "PENDING" and info.get("Reason") == "BeginTime" \
+                        and int(info.get("Restarts", "0")) > 0 and self._requeued_for(info) > REQUEUE_SETTLE_S:
+                    _run("scontrol", "update", f"JobId={j}", "StartTime=now")
             time.sleep(0.25)
-        _run("scancel", str(job_id))
-        text = out_path.read_text() if out_path.exists() else "(no output file)"
-        raise AssertionError(f"job {job_id} not done after {timeout:.0f}s (state {info.get('JobState')}, "
-                             f"reason {info.get('Reason')}); cancelled. Output:\n{text}")
+        if len(done) == len(job_ids):
+            return [done[j] for j in job_ids]
+        late = [j for j in job_ids if j not in done]
+        _run("scancel", *map(str, late))
+        raise AssertionError("\n".join(
+            f"job {j} not done after {timeout:.0f}s (state {infos[j].get('JobState')}, reason "
+            f"{infos[j].get('Reason')}); cancelled. Output:\n{read[j]()}" for j in late))
 
     @staticmethod
     def _requeued_for(info: Mapping[str, str]) -> float:
@@ -141,6 +165,11 @@ class Slurm:
         _run("scancel", str(job_id)).check_returncode()
 
     @staticmethod
+    def cancel_named(name: str) -> None:
+        """scancel every job of this name (what a test submitted through a launcher it cannot ask)."""
+        _run("scancel", f"--name={name}")
+
+    @staticmethod
     def node_name() -> str:
         return _run("sinfo", "-h", "-N", "-o", "%N").stdout.split()[0]
 
@@ -150,6 +179,16 @@ class Slurm:
         """sbatch, then wait: returns (job_id, final_state, output_text)."""
         job_id = self.sbatch(script, args, cwd=cwd, sbatch_args=sbatch_args, env=env)
         return self.wait(job_id, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def pretrain_bin(tmp_path_factory) -> Path:
+    """PRETRAIN_BIN for the templates (their default is `.venv/bin/pretrain-train`): the CLI of this
+    checkout run by this interpreter, so that jobs work in CI's .venv and in any other venv."""
+    path = tmp_path_factory.mktemp("bin") / "pretrain-train"
+    path.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m launch.train "$@"\n')
+    path.chmod(0o755)
+    return path
 
 
 @pytest.fixture(scope="session")

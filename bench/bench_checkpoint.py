@@ -1,0 +1,119 @@
+"""Checkpoint save time against `torch.save` of the same state, in the same run.
+
+    python -m bench.bench_checkpoint [--shape baby] [--rounds 5]
+
+A: `pretrain.checkpoint.Checkpointer.save` of a DeepSpeed engine (ZeRO 1, fp32, one gloo rank)
+after one training step: DeepSpeed's model and optimizer files, the RNG state, trainer.json,
+the FILES listing, the COMMITTED marker, the rename and the `latest` pointer, and pruning the
+previous checkpoint (keep_last=1). B: one `torch.save({"model": ..., "optimizer": ...})` of the
+engine's module and optimizer state dicts (the same tensors: weights, fp32 master copy and Adam
+moments) to a fresh file, the previous one deleted beforehand, outside the timing. Interleaved
+A B A B, warm-up dropped, medians; the figure is our time over the peer's (target <= 1.1x).
+Both write through the page cache; neither syncs the large files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from bench.bench_step import SHAPES, Ours, Shape, our_config
+from bench.common import Timing, cpu_dist, interleave, machine, paired_ratio, quiet, table
+
+MB = 1 << 20
+
+
+@dataclass
+class CheckpointResult:
+    shape: Shape
+    megabytes: float  # size of our committed checkpoint
+    peer_megabytes: float
+    timings: Dict[str, Timing]
+
+    @property
+    def ratio(self):
+        """Peer time / our time, round by round (below 1: ours slower)."""
+        return paired_ratio(self.timings["ours"], self.timings["peer"])
+
+    def rows(self) -> List[List[object]]:
+        ours, peer = self.timings["ours"], self.timings["peer"]
+        r = self.ratio
+        return [["Checkpointer.save (ours)", self.megabytes, ours.median, f"{ours.spread:.0%}",
+                 f"{1 / r.median:.2f}x [{1 / r.high:.2f}-{1 / r.low:.2f}]"],
+                ["torch.save (peer)", self.peer_megabytes, peer.median, f"{peer.spread:.0%}",
+                 "1.00x"]]
+
+
+def _dir_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / MB
+
+
+def run(shape: Shape, rounds: int = 5, workdir: Optional[str] = None) -> CheckpointResult:
+    from pretrain.checkpoint import Checkpointer
+    from pretrain.engine import build_engine
+    from pretrain.model.gpt import GPT
+
+    quiet()
+    cfg = our_config(shape, Ours())
+    dist = cpu_dist()
+    model = GPT(cfg.model, cfg.model.padded_vocab_size(1), 1, "cpu")
+    engine = build_engine(model, cfg, dist)
+    tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq + 1))
+    loss = engine(tokens)  # one step, so that the optimizer holds its moments
+    engine.backward(loss)
+    engine.step()
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_checkpoint_", dir=workdir))
+    try:
+        ckpt = Checkpointer(tmp / "ours", dist, keep_last=1)
+        state = {"ours": 0, "peer": 0}
+        peer_dir = tmp / "peer"
+        peer_dir.mkdir()
+
+        def ours() -> None:
+            state["ours"] += 1
+            ckpt.save(engine, state["ours"], {"trainer_state": {"step": state["ours"]}})
+
+        def peer() -> None:
+            state["peer"] += 1
+            torch.save({"model": engine.module.state_dict(),
+                        "optimizer": engine.optimizer.state_dict()},
+                       peer_dir / f"step_{state['peer']:08d}.pt")
+
+        def clear_peer() -> None:
+            for f in peer_dir.iterdir():
+                f.unlink()
+
+        timings = interleave({"ours": ours, "peer": peer}, rounds=rounds, warmup=1,
+                             setup={"peer": clear_peer})
+        ours_mb = _dir_mb(ckpt.root / f"step_{state['ours']:08d}")
+        peer_mb = _dir_mb(peer_dir)
+        return CheckpointResult(shape, ours_mb, peer_mb, timings)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def print_result(res: CheckpointResult, rounds: int) -> None:
+    print(table(["checkpoint save", "MB", "seconds", "spread", "time vs torch.save"], res.rows(),
+                title=f"checkpoint save, {res.shape} model + AdamW state, fp32; median of "
+                      f"{rounds} interleaved rounds; {machine()}"))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=list(SHAPES), default="baby")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--workdir", default=os.environ.get("BENCH_WORKDIR"))
+    args = p.parse_args(argv)
+    print_result(run(SHAPES[args.shape], args.rounds, args.workdir), args.rounds)
+
+
+if __name__ == "__main__":
+    main()
