@@ -122,12 +122,15 @@ def find_latest(root: Path) -> Optional[Path]:
 
 
 def clean_stale(root: Path) -> None:
-    """Remove saves that never committed (rank 0, before training starts)."""
+    """Remove saves that never committed, and universal forms whose checkpoint is gone (rank 0,
+    before training starts)."""
     if not root.is_dir():
         return
     for p in root.iterdir():
         if p.name.endswith(".tmp") or (p.is_dir() and _NAME.match(p.name) and not (p / MARKER).exists()):
             log.warning("removing incomplete checkpoint %s", p)
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name.endswith(UNIVERSAL) and not (root / p.name[:-len(UNIVERSAL)] / MARKER).exists():
             shutil.rmtree(p, ignore_errors=True)
 
 

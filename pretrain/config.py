@@ -127,6 +127,9 @@ class DataConfig:
     # Blends: more dataset directories sampled with these weights beside `path` (which has
     # `weight`), e.g. data.path=/d/web data.weight=0.7 data.blend=[/d/code] data.blend_weights=[0.3].
     weight: float = 1.0
+    # Where data.path's shards are opened, `{path}` standing for each shard's path in the
+    # manifest: "pipe:aws s3 cp s3://bucket/web/{path} -", "https://host/web/{path}", "/fast/{path}".
+    shards_url: Optional[str] = None
     blend: List[str] = field(default_factory=list)
     blend_weights: List[float] = field(default_factory=list)
     num_workers: int = 1

@@ -11,6 +11,7 @@ The trainer reads shards only through this module: `Manifest.load(dir)`, then
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -190,6 +191,18 @@ class Manifest:
             raise DataError(f"{where}: fingerprint does not match its shards and tokenizer (edited "
                             "by hand?); re-run pretrain-data")
         return m
+
+    def with_shard_urls(self, template: str) -> "Manifest":
+        """A copy whose shards are opened at `template` with `{path}` replaced by each shard's
+        path in the manifest, e.g. "pipe:aws s3 cp s3://bucket/web/{path} -" or
+        "/mnt/fast/web/{path}": the manifest and tokenizer stay local, the shards live anywhere
+        webdataset can open. The fingerprint is unchanged (it covers paths, not locations)."""
+        if "{path}" not in template:
+            raise DataError(f"data.shards_url={template!r} must contain {{path}}")
+        splits = {name: dataclasses.replace(sp, shards=[
+            dataclasses.replace(sh, url=template.format(path=sh.path)) for sh in sp.shards])
+            for name, sp in self.split_infos.items()}
+        return dataclasses.replace(self, split_infos=splits)
 
     def check_files(self) -> None:
         """Every local shard exists with the recorded size; the tokenizer matches its sha256."""

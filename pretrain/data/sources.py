@@ -15,7 +15,12 @@ Sources = List[Tuple[Manifest, float]]
 
 def load_sources(cfg: DataConfig) -> Sources:
     """Load every manifest (shards checked to exist) and require one tokenizer and one seq_len."""
-    sources = [(Manifest.load(path), float(w)) for path, w in cfg.paths_and_weights]
+    primary = Manifest.load(cfg.path, check_files=not cfg.shards_url)
+    if cfg.shards_url:
+        primary = primary.with_shard_urls(cfg.shards_url)
+        primary.check_files()  # local locations are still checked; remote ones are not
+    sources = [(primary, float(cfg.weight))]
+    sources += [(Manifest.load(path), float(w)) for path, w in zip(cfg.blend, cfg.blend_weights)]
     first = sources[0][0]
     for m, _ in sources[1:]:
         if m.tokenizer_sha256 != first.tokenizer_sha256:

@@ -127,3 +127,21 @@ def test_blend_respects_weights_and_resumes_exactly(tmp_path):
     assert sorted(web_seen) == list(range(900))
     # Save/restore after 101 steps on 2 ranks, continue on 1 rank with the same global batch.
     assert seq(2, 0, 101, 3) + seq(1, 606, 149, 6) == straight
+
+
+def test_shards_open_anywhere_through_a_url_template(indexed_dataset, tmp_path):
+    """Manifest and tokenizer local, shards moved elsewhere and read through webdataset's pipe:."""
+    from pretrain.config import DataConfig
+    from pretrain.data.sources import load_sources
+
+    local = _copy(indexed_dataset, tmp_path / "ds")
+    remote = tmp_path / "bucket"
+    shutil.move(str(local / "train"), str(remote / "train"))
+    cfg = DataConfig(path=str(local), shards_url=f"pipe:cat {remote}/{{path}}")
+    with pytest.raises(DataError, match="shard-000000"):
+        load_sources(DataConfig(path=str(local)))  # without the template the shards are missing
+    (manifest, _), = load_sources(cfg)
+    assert manifest.split("train").shards[0].url.startswith("pipe:cat ")
+    spec = StreamSpec(manifest, "train", 0, 5, 1, 0, 7, window_shards=2)
+    seq = [sample_index(r, V) for b in make_loader(spec, 0, limit=200) for r in b.numpy()]
+    assert sorted(seq) == list(range(1000))
