@@ -320,7 +320,8 @@ class RunConfig:
 
 @dataclass
 class ClusterConfig:
-    """The machines a plan is made for (pretrain-plan); training reads its layout from the launcher."""
+    """The machines a plan is made for (pretrain-plan). Training reads its layout from the launcher
+    and takes gpu_peak_tflops, when set, as the device peak for MFU."""
 
     nodes: int = 1
     gpus_per_node: int = 8
