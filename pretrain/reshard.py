@@ -8,8 +8,12 @@ shards. A resume compares the saved layout with its own (`prepare`):
 - the same layout, or only ZeRO 1 <-> 2 (the same partitioned files): DeepSpeed loads it as saved;
 - fp32 ZeRO 0 at another DP size: as saved too (its optimizer state is whole on every rank);
 - anything else: rank 0 converts it once into `step_N.universal/` (a sibling; the original is
-  never modified) while the other ranks wait, and the engine loads that with
+  never modified) after the process groups start, while the other ranks wait in a collective
+  (within the start-up timeout, parallel.init_timeout_min), and the engine loads it with
   `"checkpoint": {"load_universal": true}`. A later resume at a new layout reuses it.
+- ZeRO 3 changes DP size and merges TP shards, but loads only at TP=1: DeepSpeed's ZeRO-3
+  universal loader splits TP shards only for its own AutoTP models. The ZeRO stage may change
+  only between 1 and 2. Checkpointer.load repairs two faults of DeepSpeed's ZeRO-3 universal load.
 
 DeepSpeed 0.19.8 refuses ZeRO 1/2 optimizer partitions saved at another DP size
 (`ZeRORuntimeException`, `zero_optimization.elastic_checkpoint` or not), so a DP change goes

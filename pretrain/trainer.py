@@ -144,8 +144,8 @@ class Trainer:
                        None)
         with discard_update(engine) if skipped else contextlib.nullcontext():
             engine.step()  # the boundary: the optimizer update
-        if skipped is None and not engine.was_step_applied():
-            skipped = "nonfinite_grad"  # DeepSpeed's own overflow check, agreed over its groups
+        if skipped is None and not engine.was_step_applied():  # DeepSpeed's own overflow check
+            skipped = "fp16_overflow" if engine.fp16_enabled() else "nonfinite_grad"
         step_s = time.perf_counter() - t_start
         samples = self.global_batch
         return StepOutput(loss=local_loss, data_seconds=data_s, compute_seconds=step_s - data_s,
@@ -194,9 +194,14 @@ def discard_update(engine):
         finally:
             del opt._update_scale  # the class's method again
     else:
+        had = dict(vars(opt))
         opt.step = lambda *args, **kwargs: None
         opt.overflow = True
         try:
             yield
         finally:
-            del opt.step, opt.overflow
+            for name in ("step", "overflow"):
+                if name in had:
+                    setattr(opt, name, had[name])
+                else:
+                    delattr(opt, name)

@@ -70,6 +70,8 @@ class StabilityCallback(Callback):
 
     def on_step_end(self, trainer: Trainer, out: StepOutput) -> None:
         step = trainer.state.step
+        if out.skipped == "fp16_overflow":
+            return  # fp16's loss scale finding its level: routine, not a streak
         if out.skipped is None:
             self.streak = 0
             self.spikes.add(out.global_loss)

@@ -1,0 +1,187 @@
+"""Every benchmark behind one command, one table of figures and ratios against their peers.
+
+    python -m bench.all [--quick] [--skip step loader ...]     (make bench)
+
+Sections (each also runs alone, with its own detailed table: python -m bench.bench_<name>):
+  step        CPU training step against Hugging Face GPT-2 (bench_step), two shapes
+  throughput  tokens/s, TFLOP/s and MFU of gpt2-124m and gpt-1.3b on the device present
+              (bench_throughput; on CPU the --tiny path check, with no MFU)
+  loader      loader tokens/s per rank process and first batch after resume (bench_loader)
+  checkpoint  Checkpointer.save against torch.save of the same state (bench_checkpoint)
+  tokenizer   pretrain-data's tokenize + shard writing against HF tokenizers and tiktoken
+              (bench_tokenizer's own variants, as it defines them)
+A section that fails prints its error in the table and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import traceback
+from typing import Callable, Dict, List
+
+from bench.common import machine, table
+
+HEADERS = ["section", "figure", "ours", "peer / anchor", "ours vs peer", "target"]
+Row = List[object]
+
+
+def step_rows(quick: bool) -> List[Row]:
+    from bench import bench_step as bs
+
+    rows: List[Row] = []
+    rounds, only = (3, None) if quick else (7, None)
+    for name in ("baby", "mini"):
+        shape = bs.SHAPES[name]
+        res = bs.run(shape, threads=1, rounds=rounds, repeat=1 if quick else 2, only=only)
+        t = res.timings
+        rate = {k: round(v.rate(shape.tokens)) for k, v in t.items()}
+        label = f"step {name} ({shape.layers}x{shape.hidden}, V={shape.vocab // 1024}K)"
+        ours, peer = "ours (dropout 0)", bs.HF_DEFAULT
+        rows.append([label, "tokens/s, each in its default config", rate[ours], rate[peer],
+                     str(res.ratio(ours)), ">= 1.4x"])
+        rows.append([label, "  same, CPU-time ratio", "", "",
+                     f"{res.ratio(ours, cpu=True).median:.2f}x", ""])
+        if "ours, dropout 0.1" in t:
+            rows.append([label, "  both dropout 0.1", rate["ours, dropout 0.1"], rate[peer],
+                         str(res.ratio("ours, dropout 0.1")), ""])
+        if "HF GPT-2, dropout 0" in t:
+            rows.append([label, "  both dropout 0", rate[ours], rate["HF GPT-2, dropout 0"],
+                         str(res.ratio(ours, "HF GPT-2, dropout 0")), ""])
+    return rows
+
+
+def throughput_rows(quick: bool) -> List[Row]:
+    import torch
+
+    from bench import bench_throughput as bt
+
+    rows: List[Row] = []
+    on_gpu = torch.cuda.is_available()
+    anchors = {"gpt2-124m": ("llm.c 471K, 41% MFU", ">= 520K tok/s, >= 45% MFU"),
+               "gpt-1.3b": ("MPT-1b 45.5K, 41.8% MFU", ">= 51K tok/s, >= 47% MFU")}
+    for preset in bt.PRESETS:
+        res = bt.run(preset, tiny=not on_gpu, steps=None if on_gpu else 2)
+        mfu = f", {res.mfu:.1%} MFU" if res.mfu is not None else " (no MFU: peak unknown)"
+        anchor, target = anchors[preset] if on_gpu else ("", "GPU only")
+        rows.append([f"throughput {res.preset}", f"tokens/s, {res.device}, {res.precision}",
+                     f"{round(res.tokens_per_s)} ({res.tflops:.3g} TFLOP/s{mfu})", anchor, "",
+                     target])
+    return rows
+
+
+def loader_rows(quick: bool) -> List[Row]:
+    from bench import bench_loader as bl
+
+    res = bl.run(shards=2 if quick else 4, shard_mb=32 if quick else 64,
+                 rounds=3 if quick else 5)
+    rows: List[Row] = []
+    peer_rate = res.rate(bl.PEER) / 1e6
+    for name in res.timings:
+        if name == bl.PEER:
+            continue
+        rows.append(["loader", f"M tokens/s, {name}", f"{res.rate(name) / 1e6:.3g}",
+                     f"{peer_rate:.3g}", str(res.ratio(name)), ">= 5M per rank"])
+    for name, s in res.resume.items():
+        rows.append(["loader", f"first batch after resume, {name[6:]}", f"{s:.3g} s",
+                     f"{res.resume_peer:.3g} s (skip)", f"{res.resume_peer / s:.2f}x", "<= 2 s"])
+    return rows
+
+
+def checkpoint_rows(quick: bool) -> List[Row]:
+    from bench import bench_checkpoint as bc
+    from bench.bench_step import SHAPES
+
+    res = bc.run(SHAPES["baby"], rounds=3 if quick else 5)
+    r = res.ratio
+    ours, peer = res.timings["ours"], res.timings["peer"]
+    return [["checkpoint", f"save seconds, {res.megabytes:.0f} MB (model + AdamW)",
+             f"{ours.median:.3g}", f"{peer.median:.3g} (torch.save)",
+             f"{1 / r.median:.2f}x the time [{1 / r.high:.2f}-{1 / r.low:.2f}]", "<= 1.1x"]]
+
+
+def tokenizer_rows(quick: bool) -> List[Row]:
+    """bench_tokenizer's own variants, corpus and timing, in its interleaved order."""
+    import os
+    import shutil
+
+    from bench import bench_tokenizer as btok
+    from tokenizer import bpe
+    from tokenizer.corpus import read_documents
+
+    mb, reps, vocab, seq_len = (2.0, 2, 8192, 2048) if quick else (8.0, 5, 8192, 2048)
+    work = tempfile.mkdtemp(prefix="bench_all_tokenizer_")
+    try:
+        corpus = os.path.join(work, "corpus")
+        os.makedirs(corpus)
+        files = btok.make_corpus(corpus, mb)
+        tok = os.path.join(work, "tokenizer.json")
+        bpe.train_tokenizer((d for d, _ in read_documents(files)), vocab).save(tok)
+        variants: Dict[str, Callable[[], int]] = {
+            "ours1": btok.ours(corpus, f"{work}/o1", tok, 1, seq_len),
+            "ours2": btok.ours(corpus, f"{work}/o2", tok, 2, seq_len),
+            "encode": btok.ours_encode_only(corpus, tok, seq_len),
+            "hf": btok.peer_hf(files, tok, os.path.join(work, "peer.bin")),
+        }
+        tt = btok.peer_tiktoken(files, tok, os.path.join(work, "tt.bin"))
+        if tt is not None:
+            variants["tiktoken"] = tt
+        runs: Dict[str, list] = {k: [] for k in variants}
+        for rep in range(reps + 1):  # round 0 is the warm-up, as in bench_tokenizer.main
+            for name, fn in variants.items():
+                r = btok.timed(fn)
+                if rep:
+                    runs[name].append(r)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    cpu = {k: statistics.median(b / btok.MB / c for _, c, b in v) for k, v in runs.items()}
+    wall = {k: statistics.median(b / btok.MB / w for w, _, b in v) for k, v in runs.items()}
+    rows = [["tokenizer", "MB/s per core, 1 worker", f"{cpu['ours1']:.3g}",
+             f"{cpu['hf']:.3g} (HF tokenizers)", f"{cpu['ours1'] / cpu['hf']:.2f}x", ""]]
+    if "tiktoken" in cpu:
+        rows.append(["tokenizer", "MB/s per core, 1 worker", f"{cpu['ours1']:.3g}",
+                     f"{cpu['tiktoken']:.3g} (tiktoken)", f"{cpu['ours1'] / cpu['tiktoken']:.2f}x",
+                     ">= 1.0x"])
+    rows.append(["tokenizer", "parallel efficiency, 1 -> 2 workers (wall)",
+                 f"{wall['ours2'] / (2 * wall['ours1']):.0%}", "", "", ">= 80%"])
+    rows.append(["tokenizer", "shard writing overhead (CPU)",
+                 f"{1 - cpu['ours1'] / cpu['encode']:.1%}", "", "", "<= 10%"])
+    return rows
+
+
+SECTIONS: Dict[str, Callable[[bool], List[Row]]] = {
+    "step": step_rows,
+    "throughput": throughput_rows,
+    "loader": loader_rows,
+    "checkpoint": checkpoint_rows,
+    "tokenizer": tokenizer_rows,
+}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer rounds and smaller inputs")
+    p.add_argument("--skip", nargs="*", default=[], choices=list(SECTIONS))
+    p.add_argument("--only", nargs="*", choices=list(SECTIONS))
+    args = p.parse_args(argv)
+    rows: List[Row] = []
+    t0 = time.perf_counter()
+    for name, fn in SECTIONS.items():
+        if name in args.skip or (args.only and name not in args.only):
+            continue
+        t = time.perf_counter()
+        try:
+            rows += fn(args.quick)
+        except Exception as e:  # one broken section must not hide the others' figures
+            traceback.print_exc()
+            rows.append([name, "FAILED", f"{type(e).__name__}: {e}"[:80], "", "", ""])
+        print(f"[bench.all] {name}: {time.perf_counter() - t:.0f} s", flush=True)
+    print(table(HEADERS, rows, title=f"bench.all ({'quick' if args.quick else 'full'}, "
+                                     f"{time.perf_counter() - t0:.0f} s); ratios are median "
+                                     f"[min-max] of interleaved rounds; {machine()}"))
+
+
+if __name__ == "__main__":
+    main()
