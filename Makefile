@@ -16,6 +16,9 @@ export TOKENIZERS_PARALLELISM ?= false
 # The venv's tools (ninja for DeepSpeed's JIT ops) last, so a system ninja, when present, is the
 # one every process uses: two ninja versions make DeepSpeed rebuild its ops over and over.
 export PATH := $(PATH):$(abspath $(VENV))/bin
+# DeepSpeed compiles its C++ ops just in time; one cache per venv, so that two environments on
+# one machine (or a shared home on a cluster) never invalidate each other's builds.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: install debug debug-data test bench clean
 
@@ -28,6 +31,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU)
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
 	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[dev]'
+	# Build DeepSpeed's CPU communication op now (~30-60 s once) rather than in the first run.
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()" \
+	    || echo "note: DeepSpeed's shm op did not prebuild; it builds on first use"
 	touch $@
 
 # A small real corpus: the Python standard library's own source ships on every machine.
