@@ -140,17 +140,19 @@ class Trainer:
                 engine.step()  # not the accumulation boundary: DeepSpeed only counts it
         local_loss = torch.stack(losses).mean()
         global_loss = self.dist.all_reduce_mean(local_loss)
-        skipped = next(filter(None, (c.on_before_update(self, global_loss) for c in self.callbacks)),
-                       None)
+        skipped = self._veto(global_loss)
+        t_opt = time.perf_counter()
         with discard_update(engine) if skipped else contextlib.nullcontext():
             engine.step()  # the boundary: the optimizer update
+        opt_s = time.perf_counter() - t_opt
         if skipped is None and not engine.was_step_applied():  # DeepSpeed's own overflow check
             skipped = "fp16_overflow" if engine.fp16_enabled() else "nonfinite_grad"
         step_s = time.perf_counter() - t_start
         samples = self.global_batch
         return StepOutput(loss=local_loss, data_seconds=data_s, compute_seconds=step_s - data_s,
                           step_seconds=step_s, lr=lr, samples=samples,
-                          tokens=samples * self.seq_len, global_loss=global_loss, skipped=skipped)
+                          tokens=samples * self.seq_len, global_loss=global_loss, skipped=skipped,
+                          extras={"optimizer_seconds": opt_s})
 
     def state_dict(self) -> Dict[str, Any]:
         return {"trainer": self.state.state_dict(),
@@ -161,6 +163,14 @@ class Trainer:
         for c in self.callbacks:
             if c.name in sd.get("callbacks", {}):
                 c.load_state_dict(sd["callbacks"][c.name])
+
+    def _veto(self, loss: float) -> Optional[str]:
+        """The first reason a callback gives to discard this step's update, if any."""
+        for c in self.callbacks:
+            reason = c.on_before_update(self, loss)
+            if reason:
+                return reason
+        return None
 
     def _call(self, hook: str, *args) -> None:
         for c in self.callbacks:
@@ -176,11 +186,12 @@ def discard_update(engine):
     The ZeRO optimizers (stages 1-3, every precision) find an overflow in step() and pass it to
     _update_scale() before acting on it: forcing the flag there reuses their clean-up of the
     gradient buffers. A genuine overflow still updates the fp16 loss scale; a vetoed finite step
-    leaves it alone. Other optimizers (ZeRO 0) get a no-op step() and an `overflow` attribute,
-    which the engine reads after stepping.
+    leaves it alone. Without ZeRO (a torch optimizer, or DeepSpeed's fp16/bf16 wrappers, whose
+    step() does not work that way) step() becomes a no-op and `overflow` is set, which the engine
+    reads after stepping before it zeroes the gradients.
     """
     opt = engine.optimizer
-    if hasattr(opt, "_update_scale") and hasattr(opt, "overflow"):
+    if engine.zero_optimization_stage() >= 1:
         update_scale = opt._update_scale
 
         def forced(has_overflow=False, *args, **kwargs):

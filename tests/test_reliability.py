@@ -177,3 +177,12 @@ def test_verify_reports_exact_resume(tiny_dataset, tmp_path):
                           cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "PASS: resume at step 2 of 4: steps 3..4: losses bitwise identical" in proc.stdout
+
+
+def test_verify_names_the_first_difference():
+    from launch.verify import compare
+
+    ok, detail = compare({3: 2.5, 4: 2.25}, {3: 2.5, 4: 2.2500001}, range(3, 5))
+    assert not ok and detail.startswith("step 4: straight 2.25 != resumed 2.2500001")
+    ok, detail = compare({3: 2.5, 4: 2.25}, {3: 2.5}, range(3, 5))
+    assert not ok and detail == "step 4 has no loss in the resumed run"
