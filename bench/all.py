@@ -32,24 +32,28 @@ def step_rows(quick: bool) -> List[Row]:
     from bench import bench_step as bs
 
     rows: List[Row] = []
-    rounds, only = (3, None) if quick else (7, None)
+    rounds = 3 if quick else 7
     for name in ("baby", "mini"):
         shape = bs.SHAPES[name]
-        res = bs.run(shape, threads=1, rounds=rounds, repeat=1 if quick else 2, only=only)
+        # The main shape also runs ZeRO 0: what one rank gains without ZeRO-1's flat buffers.
+        only = [*bs.variants(False), bs.ZERO0] if name == "baby" else None
+        res = bs.run(shape, threads=1, rounds=rounds, repeat=1 if quick else 2,
+                     ablate=only is not None, only=only)
         t = res.timings
         rate = {k: round(v.rate(shape.tokens)) for k, v in t.items()}
         label = f"step {name} ({shape.layers}x{shape.hidden}, V={shape.vocab // 1024}K)"
-        ours, peer = "ours (dropout 0)", bs.HF_DEFAULT
+        ours, peer = bs.OURS, bs.HF_DEFAULT
         rows.append([label, "tokens/s, each in its default config", rate[ours], rate[peer],
                      str(res.ratio(ours)), ">= 1.4x"])
         rows.append([label, "  same, CPU-time ratio", "", "",
                      f"{res.ratio(ours, cpu=True).median:.2f}x", ""])
-        if "ours, dropout 0.1" in t:
-            rows.append([label, "  both dropout 0.1", rate["ours, dropout 0.1"], rate[peer],
-                         str(res.ratio("ours, dropout 0.1")), ""])
-        if "HF GPT-2, dropout 0" in t:
-            rows.append([label, "  both dropout 0", rate[ours], rate["HF GPT-2, dropout 0"],
-                         str(res.ratio(ours, "HF GPT-2, dropout 0")), ""])
+        rows.append([label, "  both dropout 0.1", rate[bs.OURS_DROPOUT], rate[peer],
+                     str(res.ratio(bs.OURS_DROPOUT)), ""])
+        rows.append([label, "  both dropout 0", rate[ours], rate[bs.HF_NO_DROPOUT],
+                     str(res.ratio(ours, bs.HF_NO_DROPOUT)), ""])
+        if bs.ZERO0 in t:
+            rows.append([label, "  ours at ZeRO 0 (one rank)", rate[bs.ZERO0], rate[peer],
+                         str(res.ratio(bs.ZERO0)), ""])
     return rows
 
 
@@ -64,11 +68,12 @@ def throughput_rows(quick: bool) -> List[Row]:
                "gpt-1.3b": ("MPT-1b 45.5K, 41.8% MFU", ">= 51K tok/s, >= 47% MFU")}
     for preset in bt.PRESETS:
         res = bt.run(preset, tiny=not on_gpu, steps=None if on_gpu else 2)
-        mfu = f", {res.mfu:.1%} MFU" if res.mfu is not None else " (no MFU: peak unknown)"
-        anchor, target = anchors[preset] if on_gpu else ("", "GPU only")
-        rows.append([f"throughput {res.preset}", f"tokens/s, {res.device}, {res.precision}",
-                     f"{round(res.tokens_per_s)} ({res.tflops:.3g} TFLOP/s{mfu})", anchor, "",
-                     target])
+        mfu = f"{res.mfu:.1%}" if res.mfu is not None else "n/a (peak unknown)"
+        anchor, target = anchors[preset] if on_gpu else ("", "on GPU only")
+        rows.append([f"throughput {res.preset}",
+                     f"tokens/s, TFLOP/s, MFU; {res.device}, {res.precision}, micro "
+                     f"{res.micro_batch}", f"{res.tokens_per_s:.0f}, {res.tflops:.3g}, {mfu}",
+                     anchor, "", target])
     return rows
 
 

@@ -28,7 +28,11 @@ import torch
 
 from bench.common import Timing, cpu_dist, interleave, machine, paired_ratio, quiet, table
 
-HF_DEFAULT = "HF GPT-2 (default config)"
+OURS = "ours (dropout 0)"  # as a run is configured by default
+OURS_DROPOUT = "ours, dropout 0.1"  # GPT-2's dropout
+HF_DEFAULT = "HF GPT-2 (default config)"  # the peer of every ratio
+HF_NO_DROPOUT = "HF GPT-2, dropout 0"  # our dropout
+ZERO0 = "ours, ZeRO 0"
 
 
 @dataclass(frozen=True)
@@ -158,17 +162,16 @@ def build_peer(shape: Shape, tokens: torch.Tensor, dropout: Optional[float] = No
 
 
 def variants(ablate: bool) -> Dict[str, Callable[[Shape, torch.Tensor], Callable[[], float]]]:
-    """name -> builder. The first is ours as a run is configured by default; HF_DEFAULT is the
-    peer every ratio is taken against."""
+    """name -> builder of a step on given tokens."""
     v: Dict[str, Callable] = {
-        "ours (dropout 0)": lambda s, t: build_ours(s, Ours(), t),
-        "ours, dropout 0.1": lambda s, t: build_ours(s, Ours(dropout=0.1), t),
+        OURS: lambda s, t: build_ours(s, Ours(), t),
+        OURS_DROPOUT: lambda s, t: build_ours(s, Ours(dropout=0.1), t),
         HF_DEFAULT: lambda s, t: build_peer(s, t),
-        "HF GPT-2, dropout 0": lambda s, t: build_peer(s, t, dropout=0.0),
+        HF_NO_DROPOUT: lambda s, t: build_peer(s, t, dropout=0.0),
     }
     if ablate:
         v.update({
-            "ours, ZeRO 0": lambda s, t: build_ours(s, Ours(zero_stage=0), t),
+            ZERO0: lambda s, t: build_ours(s, Ours(zero_stage=0), t),
             "ours, bare model (no engine)": lambda s, t: build_ours(s, Ours(engine=False), t),
             "ours, megatron fused kernels": lambda s, t: build_ours(s, Ours(fused_kernels="on"), t),
             "ours, torch.compile": lambda s, t: build_ours(s, Ours(compile=True), t),

@@ -104,7 +104,8 @@ class MetricsLogger(Callback):
         return None
 
     def on_step_end(self, trainer: Trainer, out: StepOutput) -> None:
-        self._losses.append(out.global_loss)
+        # A skipped step's loss (NaN, or a finite spike) stays out of the logged mean.
+        self._losses.append(math.nan if out.skipped else out.global_loss)
         w = self._window
         w["step"] += out.step_seconds
         w["data"] += out.data_seconds
@@ -131,7 +132,7 @@ class MetricsLogger(Callback):
 
     def _record(self, trainer: Trainer, out: StepOutput) -> Dict[str, Any]:
         w, state, engine, n = self._window, trainer.state, trainer.engine, len(self._losses)
-        finite = [x for x in self._losses if math.isfinite(x)]  # skipped steps may be NaN/inf
+        finite = [x for x in self._losses if math.isfinite(x)]  # skipped steps are NaN here
         loss = sum(finite) / len(finite) if finite else None
         tps = w["tokens"] / w["step"] if w["step"] > 0 else 0.0
         tps_dev = tps / trainer.dist.world_size
