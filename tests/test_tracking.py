@@ -21,7 +21,8 @@ from pretrain.tracking import ID_FILE, Tracker
 from pretrain.trainer import StepOutput, TrainState
 from tests.launch_helpers import read_metrics, run_train, tiny_overrides, train_records
 
-OFFLINE = re.compile(r"^offline-run-\d{8}_\d{6}-(\w+)$")
+# W&B adds "-1", "-2" to a folder started in the same second as another of the same run.
+OFFLINE = re.compile(r"^offline-run-\d{8}_\d{6}-(\w+?)(?:-\d+)?$")
 STEP_KEYS = ("step", "tokens_seen", "loss", "ppl", "lr", "grad_norm", "skipped_steps",
              "tokens_per_s", "tokens_per_s_per_device", "tflops_per_device", "mfu",
              "step_time", "data_time", "compute_time", "fwd_bwd_time", "optimizer_time",
