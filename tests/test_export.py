@@ -101,7 +101,7 @@ def megatron():
     os.environ.update(saved)
 
 
-def our_logits(step_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
+def our_model(step_dir: Path):
     from pretrain.model.gpt import GPT
 
     cfg = read_config(step_dir)
@@ -109,6 +109,11 @@ def our_logits(step_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
     padded = state["gpt.embedding.word_embeddings.weight"].shape[0]
     model = GPT(cfg.model, padded, 1, "cpu").eval()
     load_merged_state(model, state)
+    return model
+
+
+def our_logits(step_dir: Path, tokens: torch.Tensor, model=None) -> torch.Tensor:
+    model = model if model is not None else our_model(step_dir)
     b, s = tokens.shape
     positions = torch.arange(s).unsqueeze(0).expand(b, s)  # (b, s)
     with torch.no_grad():
@@ -139,6 +144,17 @@ def test_exported_model_has_our_logits(case, runs, megatron, tmp_path):
     diff = (ours[..., :vocab] - theirs).abs().max().item()
     print(f"{case}: max |logit difference| {diff:.3g} (logits up to {theirs.abs().max():.3g})")
     assert diff < 1e-4
+
+    # Greedy generation: the same tokens from both models.
+    prompt, new = tokens[:1, :6], 6
+    model, seq = our_model(step_dir), tokens[:1, :6]
+    for _ in range(new):
+        nxt = our_logits(step_dir, seq, model)[:, -1, :vocab].argmax(-1, keepdim=True)  # (1, 1)
+        seq = torch.cat([seq, nxt], dim=1)
+    with torch.no_grad():
+        hf_seq = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
+                             min_new_tokens=new, do_sample=False, pad_token_id=0)
+    assert torch.equal(seq, hf_seq), (seq, hf_seq)
 
 
 @pytest.mark.parametrize("tp2_case", list(SAME_RUN_AT_TP1))
