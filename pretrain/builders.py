@@ -57,7 +57,7 @@ def device_peak(cfg: Config, dist: Dist) -> Tuple[Optional[str], Optional[float]
 
 
 def build_run(cfg: Config, dist: Dist, sources: Sources, run_layout: reshard.Layout,
-              run_dir: Path, hooks: Dict[str, Any], load_universal: bool = False) -> Run:
+              run_dir: Path, load_universal: bool = False) -> Run:
     """load_universal: the engine will load a universal checkpoint (a resume at another layout)."""
     manifest = sources[0][0]
     layout = cfg.layout(dist.world_size)
@@ -109,8 +109,6 @@ def build_run(cfg: Config, dist: Dist, sources: Sources, run_layout: reshard.Lay
 
     callbacks.append(CheckpointCallback(checkpointer, cfg.trainer.checkpoint_every,
                                         cfg.trainer.checkpoint_every_min, client_state, extra_files))
-    for hook in hooks.get("callbacks", []):
-        callbacks.insert(-1, hook)
     # Stability after the metrics (a bad step is logged before a rollback) and before the
     # checkpoint (which saves its state); the watchdog's heartbeat last, after everything a step does.
     callbacks.insert(-1, StabilityCallback(cfg.stability, checkpointer))

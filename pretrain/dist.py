@@ -149,7 +149,7 @@ class Dist:
         """Max over all ranks (one collective); used for agreed decisions (stop, skip)."""
         if not (self.initialized and torch.distributed.is_initialized()) or self.world_size == 1:
             return float(value)
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self._comm_device())
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.comm_device())
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return float(t.item())
 
@@ -159,7 +159,7 @@ class Dist:
         inf on any rank makes it non-finite everywhere."""
         if not (self.initialized and torch.distributed.is_initialized()) or self.world_size == 1:
             return float(value)
-        t = value.detach().float().reshape(1).to(self._comm_device(), copy=True)  # not in place
+        t = value.detach().float().reshape(1).to(self.comm_device(), copy=True)  # not in place
         torch.distributed.all_reduce(t)
         return float(t.item()) / self.world_size
 
@@ -183,7 +183,7 @@ class Dist:
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
-    def _comm_device(self) -> torch.device:
+    def comm_device(self) -> torch.device:
         return self.device if self.backend == "nccl" else torch.device("cpu")
 
     def shutdown(self) -> None:

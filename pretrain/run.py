@@ -92,7 +92,7 @@ def find_resume_point(cfg: Config, ckpt_root: Path) -> Optional[Path]:
     return find_latest(ckpt_root) if cfg.trainer.resume else None
 
 
-def train(cfg: Config, env: Optional[Dict[str, str]] = None, hooks: Optional[Dict] = None) -> RunResult:
+def train(cfg: Config, env: Optional[Dict[str, str]] = None) -> RunResult:
     """Run (or resume) the training described by cfg in this process. Collective over ranks."""
     from pretrain.builders import build_run
 
@@ -133,7 +133,7 @@ def train(cfg: Config, env: Optional[Dict[str, str]] = None, hooks: Optional[Dic
     try:
         if resume_path is not None:  # saved at another layout: its universal form, made once
             resume_path = reshard.prepare(resume_path, saved_layout, run_layout, dist)
-        run = build_run(cfg, dist, sources, run_layout, run_dir, hooks or {},
+        run = build_run(cfg, dist, sources, run_layout, run_dir,
                         load_universal=reshard.is_universal(resume_path))
         if resume_path is not None:
             saved_client = run.checkpointer.load(run.engine, resume_path)

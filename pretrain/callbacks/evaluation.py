@@ -35,7 +35,7 @@ class EvalCallback(Callback):
             total += torch.tensor([float(loss), 1.0], dtype=torch.float64)
         engine.train()
         if trainer.dist.world_size > 1:
-            total = total.to(trainer.dist._comm_device())
+            total = total.to(trainer.dist.comm_device())
             torch.distributed.all_reduce(total)
         val = float(total[0] / total[1])
         if trainer.dist.is_main:
