@@ -7,7 +7,7 @@ Sections (each also runs alone, with its own detailed table: python -m bench.ben
   throughput  tokens/s, TFLOP/s and MFU of gpt2-124m and gpt-1.3b on the device present
               (bench_throughput; on CPU the --tiny path check, with no MFU)
   loader      loader tokens/s per rank process and first batch after resume (bench_loader)
-  checkpoint  Checkpointer.save against torch.save of the same state (bench_checkpoint)
+  checkpoint  Checkpointer.save/load against torch.save/torch.load of the same state (bench_checkpoint)
   tokenizer   pretrain-data's tokenize + shard writing against HF tokenizers and tiktoken
               (bench_tokenizer's own variants, as it defines them)
 A section that fails prints its error in the table and the others still run.
@@ -107,6 +107,12 @@ def checkpoint_rows(quick: bool) -> List[Row]:
         rows.append(["checkpoint", f"save seconds, {res.megabytes:.0f} MB (model + AdamW)",
                      f"{ours.median:.3g}", f"{res.timings[peer].median:.3g} ({peer})",
                      f"{1 / r.median:.2f}x the time [{1 / r.high:.2f}-{1 / r.low:.2f}]", target])
+    ours = res.load_timings["ours"]
+    for peer in bc.LOAD_PEERS:
+        r = res.load_ratio(peer)
+        rows.append(["checkpoint", f"load seconds, {res.megabytes:.0f} MB (page cache)",
+                     f"{ours.median:.3g}", f"{res.load_timings[peer].median:.3g} ({peer})",
+                     f"{1 / r.median:.2f}x the time [{1 / r.high:.2f}-{1 / r.low:.2f}]", ""])
     return rows
 
 

@@ -1,4 +1,4 @@
-"""Checkpoint save time against `torch.save` of the same state, in the same run.
+"""Checkpoint save and load time against `torch.save` / `torch.load` of the same state, in one run.
 
     python -m bench.bench_checkpoint [--shape baby] [--rounds 7]
 
@@ -13,6 +13,13 @@ also writes out the new checkpoint's data: its durable peer is the second. Befor
 outside the timing, the peers' previous file is deleted and the page cache is synced, so that no
 save waits for another's dirty pages. Interleaved, warm-up dropped, medians; the figure is our
 time over each peer's (target <= 1.1x torch.save). The disk is shared: expect a wide spread.
+
+Loads, timed after the saves: ours is `Checkpointer.load` of the newest committed checkpoint into
+the engine (DeepSpeed's model and optimizer files, the LR schedule, the marker check and the RNG
+state); the peers read the peer file back with `torch.load` ("torch.load"), and also put it into
+the module and optimizer with `load_state_dict` ("torch.load + load_state_dict": what restoring
+the state costs). Both read from the page cache (the files were just written): this measures
+deserialising and restoring, not the disk.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ MB = 1 << 20
 
 
 PEERS = ("torch.save", "torch.save + fsync")
+LOAD_PEERS = ("torch.load", "torch.load + load_state_dict")
 
 
 @dataclass
@@ -41,20 +49,29 @@ class CheckpointResult:
     shape: Shape
     megabytes: float  # size of our committed checkpoint
     peer_megabytes: float
-    timings: Dict[str, Timing]  # "ours" and PEERS
+    timings: Dict[str, Timing]  # "ours" and PEERS: saves
+    load_timings: Dict[str, Timing]  # "ours" and LOAD_PEERS
 
     def ratio(self, peer: str = PEERS[0]):
-        """Peer time / our time, round by round (below 1: ours slower)."""
+        """Peer save time / our save time, round by round (below 1: ours slower)."""
         return paired_ratio(self.timings["ours"], self.timings[peer])
 
+    def load_ratio(self, peer: str = LOAD_PEERS[1]):
+        """Peer load time / our load time, round by round (below 1: ours slower)."""
+        return paired_ratio(self.load_timings["ours"], self.load_timings[peer])
+
     def rows(self) -> List[List[object]]:
-        ours = self.timings["ours"]
-        rows: List[List[object]] = [["Checkpointer.save (ours)", self.megabytes, ours.median,
-                                     f"{ours.spread:.0%}", "", ""]]
-        for peer in PEERS:
-            t, r = self.timings[peer], self.ratio(peer)
-            rows.append([peer, self.peer_megabytes, t.median, f"{t.spread:.0%}",
-                         f"{1 / r.median:.2f}x", f"[{1 / r.high:.2f}-{1 / r.low:.2f}]"])
+        rows: List[List[object]] = []
+        for what, timings, peers, ratio in (("save", self.timings, PEERS, self.ratio),
+                                            ("load", self.load_timings, LOAD_PEERS,
+                                             self.load_ratio)):
+            ours = timings["ours"]
+            rows.append([f"Checkpointer.{what} (ours)", self.megabytes, ours.median,
+                         f"{ours.spread:.0%}", "", ""])
+            for peer in peers:
+                t, r = timings[peer], ratio(peer)
+                rows.append([peer, self.peer_megabytes, t.median, f"{t.spread:.0%}",
+                             f"{1 / r.median:.2f}x", f"[{1 / r.high:.2f}-{1 / r.low:.2f}]"])
         return rows
 
 
@@ -107,17 +124,33 @@ def run(shape: Shape, rounds: int = 7, workdir: Optional[str] = None) -> Checkpo
         timings = interleave({"ours": ours, PEERS[0]: peer(False), PEERS[1]: peer(True)},
                              rounds=rounds, warmup=1,
                              setup={"ours": clean, PEERS[0]: clean, PEERS[1]: clean})
-        ours_mb = _dir_mb(ckpt.root / f"step_{count['ours']:08d}")
+        newest = ckpt.root / f"step_{count['ours']:08d}"
+        ours_mb = _dir_mb(newest)
         peer_mb = _dir_mb(peer_dir)
-        return CheckpointResult(shape, ours_mb, peer_mb, timings)
+        peer_file = next(peer_dir.iterdir())
+
+        def peer_load(restore: bool):
+            def load() -> None:
+                state = torch.load(peer_file, weights_only=False)
+                if restore:
+                    engine.module.load_state_dict(state["model"])
+                    # DeepSpeed's ZeRO optimizer takes one state dict per data-parallel rank
+                    engine.optimizer.load_state_dict([state["optimizer"]])
+            return load
+
+        load_timings = interleave({"ours": lambda: ckpt.load(engine, newest),
+                                   LOAD_PEERS[0]: peer_load(False),
+                                   LOAD_PEERS[1]: peer_load(True)},
+                                  rounds=rounds, warmup=1)
+        return CheckpointResult(shape, ours_mb, peer_mb, timings, load_timings)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def print_result(res: CheckpointResult, rounds: int) -> None:
-    print(table(["checkpoint save", "MB", "seconds", "spread", "ours' time vs it", "range"],
+    print(table(["checkpoint", "MB", "seconds", "spread", "ours' time vs it", "range"],
                 res.rows(),
-                title=f"checkpoint save, {res.shape} model + AdamW state, fp32; median of "
+                title=f"checkpoint save and load, {res.shape} model + AdamW state, fp32; median of "
                       f"{rounds} interleaved rounds; {machine()}"))
 
 

@@ -123,4 +123,5 @@ def test_checkpoint_bench_saves_the_same_state(dist, tmp_path):
 
     res = bc.run(SHAPES["test"], rounds=2, workdir=str(tmp_path))
     assert res.megabytes == pytest.approx(res.peer_megabytes, rel=0.2)
-    assert all(res.ratio(peer).median > 0 for peer in bc.PEERS) and len(res.rows()) == 3
+    assert all(res.ratio(peer).median > 0 for peer in bc.PEERS)
+    assert all(res.load_ratio(peer).median > 0 for peer in bc.LOAD_PEERS) and len(res.rows()) == 6
