@@ -130,6 +130,11 @@ class DataConfig:
     # Where data.path's shards are opened, `{path}` standing for each shard's path in the
     # manifest: "pipe:aws s3 cp s3://bucket/web/{path} -", "https://host/web/{path}", "/fast/{path}".
     shards_url: Optional[str] = None
+    # Which training shards to read and where: a path, a glob or a brace list, webdataset style,
+    # `::` between several, e.g. '/nvme/web/train/shard-{000000..000049}.tar' or
+    # 'pipe:aws s3 cp s3://bucket/web/train/shard-{000000..000099}.tar -'. Each must be a train
+    # shard of data.path's manifest (matched by its path there, else its file name); null: all.
+    shards: Optional[str] = None
     blend: List[str] = field(default_factory=list)
     blend_weights: List[float] = field(default_factory=list)
     num_workers: int = 1

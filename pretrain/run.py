@@ -69,9 +69,15 @@ def check_resumable(cfg: Config, saved: Dict[str, Any], manifest: Manifest, data
                           f"use a new run.dir or trainer.resume=false")
     fp = saved_data.get("fingerprint")
     if fp and fp != data_fp and not cfg.data.allow_fingerprint_change:
+        was, now_data = saved.get("data", {}), cfg.to_dict()["data"]
+        keys = ("path", "shards", "weight", "blend", "blend_weights")
+        moved = ", ".join(f"data.{k}: {was.get(k)!r} -> {now_data[k]!r}" for k in keys
+                          if k in was and was.get(k) != now_data[k])
         raise DataError(
-            f"data.path {manifest.root} (with data.blend) is not the data this run was trained on "
-            f"(fingerprint {data_fp[:12]} != {fp[:12]}); point data.path at the original dataset, "
+            f"the data ({manifest.root}{', with data.shards' if cfg.data.shards else ''}"
+            f"{', with data.blend' if cfg.data.blend else ''}) is not the data this run was "
+            f"trained on (fingerprint {data_fp[:12]} != {fp[:12]}"
+            f"{'; ' + moved if moved else ': the files changed'}); train on the original data, "
             f"or set data.allow_fingerprint_change=true to continue on the new one on purpose")
     if saved_data.get("tokenizer_sha256") not in (None, manifest.tokenizer_sha256):
         raise DataError(f"the dataset's tokenizer ({manifest.tokenizer_path}) differs from the one "

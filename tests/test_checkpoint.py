@@ -107,6 +107,11 @@ def test_changed_model_shape_or_dataset_refuses_to_resume(tiny_dataset, indexed_
         (other / "manifest.json").read_text().replace('"fingerprint": "', '"fingerprint": "0'))
     proc = run_train(tiny_overrides(other, tmp_path, steps=4), check=False)
     assert proc.returncode == 2 and "fingerprint" in proc.stderr
+    # Reading a subset of the shards is another dataset: refused, naming data.shards.
+    subset = f"'{tiny_dataset}/train/shard-{{000000..000002}}.tar'"  # quoted for Hydra
+    proc = run_train(tiny_overrides(tiny_dataset, tmp_path, steps=4, data__shards=subset),
+                     check=False)
+    assert proc.returncode == 2 and "data.shards: None -> " in proc.stderr
     # What may change does: more steps, other logging.
     run_train(tiny_overrides(tiny_dataset, tmp_path, steps=3, trainer__log_every=3))
     assert losses(tmp_path)[3] > 0

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -204,6 +204,36 @@ class Manifest:
             for name, sp in self.split_infos.items()}
         return dataclasses.replace(self, split_infos=splits)
 
+    def select_shards(self, split: str, locations: Sequence[str], spec: str = "") -> "Manifest":
+        """A copy whose `split` holds only the shards at `locations` (from `shardspec.expand`), each
+        opened there, in manifest order. A location matches the shard whose manifest path it ends
+        with (a word of a `pipe:` command counts), else the one with its file name. The
+        fingerprint is recomputed: a subset is another dataset; all shards give the same one."""
+        where = f"data.shards={spec!r}" if spec else "data.shards"
+        info = self.split(split)
+        chosen: Dict[int, str] = {}
+        for loc in locations:
+            i = _match_shard(loc, info.shards)
+            if i is None:
+                example = info.shards[0].path if info.shards else "?"
+                raise DataError(f"{where}: {loc!r} is not a shard of the '{split}' split of "
+                                f"{self.path} (its shards are named like {example!r}); select "
+                                "shards of this dataset, or write a manifest for the others with "
+                                "pretrain-data")
+            if i in chosen:
+                raise DataError(f"{where}: {loc!r} and {chosen[i]!r} are the same shard "
+                                f"{info.shards[i].path!r}")
+            chosen[i] = loc
+        shards = [dataclasses.replace(info.shards[i], url=chosen[i]) for i in sorted(chosen)]
+        picked = dataclasses.replace(info, shards=shards, samples=sum(s.samples for s in shards),
+                                     tokens=sum(s.tokens for s in shards),
+                                     dropped_tokens=info.dropped_tokens
+                                     if len(shards) == len(info.shards) else 0)
+        splits = dict(self.split_infos, **{split: picked})
+        fp = compute_fingerprint(self.tokenizer_sha256, self.seq_len, _dtype_name(self.dtype),
+                                 {n: [s.to_dict() for s in sp.shards] for n, sp in splits.items()})
+        return dataclasses.replace(self, split_infos=splits, fingerprint=fp)
+
     def check_files(self) -> None:
         """Every local shard exists with the recorded size; the tokenizer matches its sha256."""
         if not os.path.isfile(self.tokenizer_path):
@@ -269,6 +299,21 @@ def _require(raw: Any, keys: Tuple[str, ...], where: str) -> None:
     missing = [k for k in keys if k not in raw]
     if missing:
         raise DataError(f"{where}: missing keys {missing}; re-run pretrain-data")
+
+
+def _match_shard(location: str, shards: Sequence[ShardInfo]) -> Optional[int]:
+    """The index of the one shard `location` names (see Manifest.select_shards), or None."""
+    words = location[len("pipe:"):].split() if location.startswith("pipe:") else [location]
+    words = [w.replace(os.sep, "/") for w in words]
+    for same in (lambda w, p: w == p or w.endswith("/" + p),  # by manifest path
+                 lambda w, p: w.rsplit("/", 1)[-1] == p.rsplit("/", 1)[-1]):  # by file name
+        hits = {i for w in words for i, s in enumerate(shards) if same(w, s.path)}
+        if len(hits) == 1:
+            return hits.pop()
+        if len(hits) > 1:
+            raise DataError(f"data.shards: {location!r} could be any of "
+                            f"{[shards[i].path for i in sorted(hits)]}; give more of its path")
+    return None
 
 
 def _parse_split(name: str, raw: Any, root: str, sample_tokens: int, where: str) -> SplitInfo:

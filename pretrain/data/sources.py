@@ -7,6 +7,7 @@ import json
 from typing import List, Tuple
 
 from pretrain.config import DataConfig
+from pretrain.data import shardspec
 from pretrain.data.manifest import Manifest
 from pretrain.errors import DataError
 
@@ -15,9 +16,13 @@ Sources = List[Tuple[Manifest, float]]
 
 def load_sources(cfg: DataConfig) -> Sources:
     """Load every manifest (shards checked to exist) and require one tokenizer and one seq_len."""
-    primary = Manifest.load(cfg.path, check_files=not cfg.shards_url)
+    elsewhere = bool(cfg.shards_url or cfg.shards)
+    primary = Manifest.load(cfg.path, check_files=not elsewhere)
     if cfg.shards_url:
         primary = primary.with_shard_urls(cfg.shards_url)
+    if cfg.shards:
+        primary = primary.select_shards("train", shardspec.expand(cfg.shards), cfg.shards)
+    if elsewhere:
         primary.check_files()  # local locations are still checked; remote ones are not
     sources = [(primary, float(cfg.weight))]
     sources += [(Manifest.load(path), float(w)) for path, w in zip(cfg.blend, cfg.blend_weights)]
