@@ -3,12 +3,13 @@
     python -m bench.bench_tokenizer [--mb 8] [--reps 5]
 
 A: pretrain-data's tokenize-and-write pass (the tokenizer is trained once beforehand and reused),
-one worker, then two. B: the Megatron-style peer, Hugging Face tokenizers encoding document by
+one worker, then two, on its default engine (tiktoken running tokenizer.json's BPE, see
+tokenizer/encoders.py), and one worker on the `tokenizers` engine. B: the Megatron-style peer, Hugging Face tokenizers encoding document by
 document in one process and appending each document's ids to a flat binary file. Both read the
 same Python standard library source, with the same tokenizer, interleaved A B A B; the first
 round is a warm-up and is dropped; medians. MB/s counts UTF-8 text. "CPU MB/s" divides by the
 CPU seconds of the process (and its workers): on a shared machine it is the per-core figure.
-Optional peer: tiktoken encoding the same vocabulary (when tiktoken is importable).
+Second peer: tiktoken encoding the same vocabulary document by document into a flat file.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 
 from tokenizer import PrepareConfig, bpe, prepare
 from tokenizer.corpus import discover, read_documents
+from tokenizer.encoders import GPT2_PATTERN, byte_level_alphabet
 from tokenizer.pipeline import BatchEncoder, batched
 
 MB = 1 << 20
@@ -65,10 +67,12 @@ def timed(fn: Callable[[], int]) -> Tuple[float, float, int]:
     return time.perf_counter() - t, cpu_seconds() - c, nbytes
 
 
-def ours(corpus: str, out: str, tok: str, workers: int, seq_len: int) -> Callable[[], int]:
+def ours(corpus: str, out: str, tok: str, workers: int, seq_len: int,
+         encoder: str = "auto") -> Callable[[], int]:
     def run() -> int:
         cfg = PrepareConfig(inputs=[corpus], output=out, tokenizer=tok, workers=workers,
-                            seq_len=seq_len, val_fraction=0.0, overwrite=True, progress=False)
+                            seq_len=seq_len, val_fraction=0.0, overwrite=True, progress=False,
+                            encoder=encoder)
         return prepare(cfg).stats.bytes
     return run
 
@@ -110,11 +114,11 @@ def peer_tiktoken(files: List[str], tok_path: str, out: str):
     except ImportError:
         return None
     raw = json.load(open(tok_path))
-    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+    byte_of = {c: b for b, c in byte_level_alphabet().items()}
     ranks = {bytes(byte_of[c] for c in tokstr): i for tokstr, i in raw["model"]["vocab"].items()
              if tokstr != bpe.EOD_TOKEN}
-    pat = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-    enc = tiktoken.Encoding("bench", pat_str=pat, mergeable_ranks=ranks, special_tokens={})
+    enc = tiktoken.Encoding("bench", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                            special_tokens={})
 
     def run() -> int:
         n = 0
@@ -127,21 +131,6 @@ def peer_tiktoken(files: List[str], tok_path: str, out: str):
                 n += len(text.encode("utf-8"))
         return n
     return run
-
-
-def _bytes_to_unicode() -> Dict[int, str]:
-    """GPT-2's byte -> printable character table, in which byte-level BPE vocabularies are
-    written."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) \
-        + list(range(ord("\xae"), ord("\xff") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
 
 
 def main(argv=None) -> None:
@@ -164,6 +153,8 @@ def main(argv=None) -> None:
             "pretrain-data, 1 worker": ours(corpus, f"{work}/o1", tok_path, 1, args.seq_len),
             "pretrain-data, 2 workers": ours(corpus, f"{work}/o2", tok_path, 2, args.seq_len),
             "  encode only, 1 worker": ours_encode_only(corpus, tok_path, args.seq_len),
+            "pretrain-data, tokenizers engine": ours(corpus, f"{work}/o3", tok_path, 1,
+                                                     args.seq_len, encoder="tokenizers"),
             "peer: HF tokenizers per doc": peer_hf(files, tok_path, os.path.join(work, "peer.bin")),
         }
         tt = peer_tiktoken(files, tok_path, os.path.join(work, "tt.bin"))
@@ -187,10 +178,10 @@ def report(runs: Dict[str, List[Tuple[float, float, int]]], args) -> None:
     print(f"\ntokenize + shard writing, {args.mb:g} MB of stdlib source, vocab {args.vocab_size}, "
           f"seq_len {args.seq_len}, median of {args.reps} (interleaved, warm-up dropped), "
           f"{os.cpu_count()} cores\n")
-    print(f"| {'variant':30s} | wall MB/s | CPU MB/s (per core) | vs HF peer (CPU) |")
-    print(f"| {'-' * 30} | --------: | ------------------: | ---------------: |")
+    print(f"| {'variant':32s} | wall MB/s | CPU MB/s (per core) | vs HF peer (CPU) |")
+    print(f"| {'-' * 32} | --------: | ------------------: | ---------------: |")
     for k in runs:
-        print(f"| {k:30s} | {wall[k]:9.2f} | {cpu[k]:19.2f} | {cpu[k] / cpu[peer]:15.2f}x |")
+        print(f"| {k:32s} | {wall[k]:9.2f} | {cpu[k]:19.2f} | {cpu[k] / cpu[peer]:15.2f}x |")
     one, two = wall["pretrain-data, 1 worker"], wall["pretrain-data, 2 workers"]
     overhead = 1 - cpu["pretrain-data, 1 worker"] / cpu["  encode only, 1 worker"]
     print(f"\nparallel efficiency, 1 -> 2 workers (wall): {two / (2 * one):.0%}")

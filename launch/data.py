@@ -34,6 +34,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="stop reading input after this much text")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--encoder", choices=["auto", "tiktoken", "tokenizers"], default="auto",
+                   help="the engine running the tokenizer's BPE: tiktoken (about 8x faster, "
+                        "checked to give tokenizers' ids) when the tokenizer allows, else "
+                        "tokenizers")
     return p.parse_args(argv)
 
 
@@ -46,7 +50,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                         seq_len=args.seq_len, text_field=args.text_field,
                         val_fraction=args.val_fraction, shard_size_mb=args.shard_size_mb,
                         workers=args.workers, tokenizer=args.tokenizer,
-                        max_input_mb=args.max_input_mb, overwrite=args.overwrite, seed=args.seed)
+                        max_input_mb=args.max_input_mb, overwrite=args.overwrite, seed=args.seed,
+                        encoder=args.encoder)
     try:
         result = prepare(cfg)
     except PretrainError as e:

@@ -10,6 +10,7 @@ training sample are functions of its text and the seed.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ from tqdm import tqdm
 from pretrain.data.manifest import (FORMAT, MANIFEST_NAME, compute_fingerprint, dtype_for_vocab,
                                     sha256_file)
 from pretrain.errors import ConfigError, DataError, EnvironmentSetupError
-from tokenizer import bpe
+from tokenizer import bpe, encoders
 from tokenizer.corpus import (CorpusStats, discover, doc_hash, estimated_text_bytes,
                               read_documents)
 from tokenizer.shards import ShardWriter
@@ -60,6 +61,9 @@ class PrepareConfig:
     # Documents go to a worker in batches of about this much text.
     batch_mb: float = 1.0
     progress: bool = True
+    # The engine that runs tokenizer.json's BPE: auto (tiktoken when it gives the same ids),
+    # tiktoken, or tokenizers (tokenizer/encoders.py).
+    encoder: str = "auto"
 
     def validate(self) -> "PrepareConfig":
         def check(cond: bool, flag: str, msg: str) -> None:
@@ -80,6 +84,8 @@ class PrepareConfig:
         check(self.seed >= 0, "--seed", "must be >= 0")
         check(self.tokenizer_sample_mb > 0 and self.batch_mb > 0, "tokenizer_sample_mb/batch_mb",
               "must be positive")
+        check(self.encoder in encoders.CHOICES, "--encoder",
+              f"{self.encoder!r}: choose one of {', '.join(encoders.CHOICES)}")
         check(self.tokenizer is None or os.path.isfile(self.tokenizer), "--tokenizer",
               f"{self.tokenizer} is not a file; give a tokenizer.json written by pretrain-data")
         return self
@@ -136,6 +142,8 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     tok = bpe.load_tokenizer(tok_path)
     vocab_size, eod = tok.get_vocab_size(), tok.token_to_id(bpe.EOD_TOKEN)
     dtype = dtype_for_vocab(vocab_size)
+    # Decided once here, so that every worker runs the same engine.
+    cfg = dataclasses.replace(cfg, encoder=encoders.choose_engine(tok_path, cfg.encoder))
     stats = CorpusStats()
     t0 = time.perf_counter()
     splits, tokens = _write_shards(files, cfg, out, tok_path, dtype, stats)
@@ -232,8 +240,8 @@ class BatchEncoder:
     """Splits a batch of documents and encodes each split's documents into one EOD-joined array."""
 
     def __init__(self, tok_path: str, cfg: PrepareConfig, dtype: str):
-        self.tok = bpe.load_tokenizer(tok_path)
-        self.eod = bpe.check_tokenizer(self.tok, tok_path)
+        self.encoder = encoders.open_encoder(tok_path, cfg.encoder)
+        self.eod = self.encoder.eod
         self.cfg, self.dtype = cfg, np.dtype(dtype).newbyteorder("<")
 
     def __call__(self, docs: List[str]) -> Dict[str, Any]:
@@ -246,14 +254,13 @@ class BatchEncoder:
             parts["val" if is_val else "train"].append(doc)
         result: Dict[str, Any] = {"bytes": nbytes, "tokens": 0}
         for name, group in parts.items():
-            ids = bpe.encode_batch(self.tok, group) if group else []
-            n = sum(len(x) for x in ids) + len(ids)
+            ids = self.encoder.encode(group) if group else []
+            ends = np.cumsum([len(x) + 1 for x in ids], dtype=np.int64)
+            n = int(ends[-1]) if len(ids) else 0
             arr = np.empty(n, dtype=self.dtype)  # doc0 EOD doc1 EOD ...
-            pos = 0
-            for x in ids:
-                arr[pos:pos + len(x)] = x
-                arr[pos + len(x)] = self.eod
-                pos += len(x) + 1
+            for x, end in zip(ids, ends):
+                arr[end - 1 - len(x):end - 1] = x
+            arr[ends - 1] = self.eod
             result[name] = arr
             result["tokens"] += n
         return result
@@ -315,7 +322,8 @@ def _manifest(cfg: PrepareConfig, out: str, tok_path: str, vocab_size: int, eod:
         "source": {"inputs": list(cfg.inputs), "documents": stats.documents, "bytes": stats.bytes,
                    "skipped_files": stats.skipped_files, "skipped_lines": stats.skipped_lines,
                    "truncated": stats.truncated, "text_field": cfg.text_field,
-                   "val_fraction": cfg.val_fraction, "seed": cfg.seed},
+                   "val_fraction": cfg.val_fraction, "seed": cfg.seed,
+                   "encoder": cfg.encoder},
         "fingerprint": compute_fingerprint(tok_sha, cfg.seq_len, dtype,
                                            {n: s["shards"] for n, s in splits.items()}),
         "created_by": "pretrain-data",
