@@ -7,7 +7,7 @@ A synthetic dataset in our exact shard format (tests/helpers/synthetic.py) of re
 (64 MB tars of seq_len 2048 uint16 samples, pretrain-data's defaults) is written to a temporary
 directory. A: our loader (`pretrain.data.loader.make_loader`, shuffled windows of 4 shards,
 micro-batch 8) reads one epoch in this process (num_workers=0: the work one rank process does),
-as rank 0 of DP=1 and of DP=8 (a rank reads whole windows and keeps its share). B: the peer,
+as rank 0 of DP=1 and of DP=8 (a rank reads only its own samples, by offset). B: the peer,
 `wds.WebDataset(urls, shardshuffle=False)` decoding every sample to token ids and stacking
 micro-batches of 8 the same way. Interleaved A B A B, warm-up round dropped, medians; the shards
 are in the page cache after the warm-up, so this is the CPU cost of reading, not the disk's.

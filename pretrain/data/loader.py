@@ -5,8 +5,10 @@ DataLoader worker derives from it (and the seed, epoch and manifest) which sampl
 so resuming at `consumed`, on the same or a different data-parallel size, continues at exactly
 the next sample.
 
-Each worker streams the shards of one window at a time through webdataset's tar reader and keeps
-only the samples it owns (memory ~ window / (dp x workers)). A shard that cannot be read is
+Each worker reads the shards of one window at a time and keeps only the samples it owns (memory ~
+window / (dp x workers)): a local shard in pretrain-data's layout by offset, only those samples
+(`read_by_offset`), anything else (URLs, `pipe:`, other tar layouts) streamed whole through
+webdataset's tar reader. A shard that cannot be read is
 skipped with a warning and counted; its samples are replaced by other samples of the same
 window (deterministically), and more than `max_bad_shards` such shards is a DataError.
 """
@@ -14,6 +16,7 @@ window (deterministically), and more than `max_bad_shards` such shards is a Data
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -22,7 +25,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pretrain.data.manifest import Manifest, decode_sample
+from pretrain.data.manifest import Manifest, ShardInfo, decode_sample, is_remote
 from pretrain.data.order import BlendSchedule, SampleOrder, Window, micro_batch_indices, owner
 from pretrain.errors import DataError
 
@@ -124,10 +127,16 @@ class _WindowCache:
 
     def _read_shard(self, sh: int, want: Dict[int, int]) -> Dict[int, np.ndarray]:
         """Samples `want` (index in shard -> global position) of shard `sh`. A tar that cannot be
-        read counts as a bad shard; a readable sample with bad tokens is a DataError."""
+        read counts as a bad shard; a readable sample with bad tokens is a DataError. A local
+        shard in pretrain-data's layout is read by offset, only the samples wanted; anything
+        else (URLs, pipes, other tars, damage) is streamed whole through webdataset."""
         st = self.stream
         info = self.shards[sh]
         manifest = st.manifests[self.d]
+        if not is_remote(info.url):
+            got = read_by_offset(info, want, manifest)
+            if got is not None:
+                return got
         out: Dict[int, np.ndarray] = {}
         samples = iter(wds.tariterators.tarfile_samples([{"url": info.url}]))
         i = -1
@@ -168,6 +177,48 @@ class _WindowCache:
             raise DataError(f"every shard of window {window.index} (epoch {window.epoch}) is unreadable")
         for i, pos in enumerate(sorted(missing)):
             self.rows[pos] = self.rows[have[i % len(have)]]
+
+
+TAR_BLOCK = 512
+
+
+def _checksum_ok(header: bytes) -> bool:
+    """The tar header checksum: the sum of the 512 header bytes with its own field as spaces."""
+    try:
+        recorded = int(header[148:156].strip(b"\0 ") or b"-1", 8)
+    except ValueError:
+        return False
+    return recorded == sum(header[:148]) + 8 * 32 + sum(header[156:TAR_BLOCK])
+
+
+def read_by_offset(info: ShardInfo, want: Dict[int, int],
+                   manifest: Manifest) -> Optional[Dict[int, np.ndarray]]:
+    """Samples `want` (index in shard -> global position) of a local shard as pretrain-data
+    writes it: USTAR members `{key:010d}.tokens` of one fixed size, so that member i's header
+    starts at i x (512 + size rounded up to 512). Every header read is checked (name, size and
+    checksum); None when the shard is not in that layout or is damaged (the caller streams it
+    instead, which reports the damage)."""
+    payload = manifest.sample_tokens * manifest.dtype.itemsize
+    stride = TAR_BLOCK + -(-payload // TAR_BLOCK) * TAR_BLOCK
+    size_field = b"%011o\0" % payload  # USTAR: size as 11 octal digits and a NUL
+    out: Dict[int, np.ndarray] = {}
+    try:
+        with open(info.url, "rb", buffering=0) as f:
+            if os.fstat(f.fileno()).st_size < info.samples * stride + 2 * TAR_BLOCK:
+                return None  # truncated: let the stream count it
+            fd = f.fileno()
+            for i in sorted(want):
+                buf = os.pread(fd, TAR_BLOCK + payload, i * stride)
+                if (len(buf) != TAR_BLOCK + payload or buf[124:136] != size_field
+                        or buf[10:18] != b".tokens\0" or not buf[:10].isdigit()
+                        or not _checksum_ok(buf)):
+                    return None
+                out[want[i]] = decode_sample(memoryview(buf)[TAR_BLOCK:], manifest)
+    except OSError:
+        return None
+    except DataError as e:
+        raise DataError(f"shard {info.url}, sample {i}: {e}") from e
+    return out
 
 
 def make_loader(spec: StreamSpec, num_workers: int, pin_memory: bool = False,

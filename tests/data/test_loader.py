@@ -87,6 +87,61 @@ def test_truncated_shard_is_skipped_and_counted_then_stops(indexed_dataset, tmp_
     assert set(range(280, 320)) <= set(seq) and not set(range(320, 450)) & set(seq)
 
 
+def _stream_samples(info, manifest):
+    """Every sample of a shard through webdataset's tar reader, as decoded token arrays."""
+    import webdataset as wds
+
+    from pretrain.data.manifest import decode_sample
+
+    return [decode_sample(x["tokens"], manifest)
+            for x in wds.tariterators.tarfile_samples([{"url": info.url}])]
+
+
+def test_local_shards_are_read_by_offset_exactly_as_streamed(indexed_dataset):
+    from pretrain.data.loader import read_by_offset
+
+    m = Manifest.load(indexed_dataset)
+    rng = np.random.default_rng(0)
+    for info in m.split("train").shards:
+        every = _stream_samples(info, m)
+        assert len(every) == info.samples
+        want = {int(i): 1000 + int(i) for i in rng.choice(info.samples, 17, replace=False)}
+        got = read_by_offset(info, want, m)
+        assert sorted(got) == sorted(want.values())
+        for i, pos in want.items():
+            np.testing.assert_array_equal(got[pos], every[i])
+
+
+def test_tars_in_another_layout_are_streamed_with_the_same_order(indexed_dataset, tmp_path):
+    from pretrain.data.loader import read_by_offset
+
+    samples = indexed_samples(1000, 16, V)
+    pax = write_dataset(tmp_path / "pax", samples, [150, 130, 170, 100, 160, 140, 150], V,
+                        val=indexed_samples(40, 16, V, seed=1), pax=True)
+    m = Manifest.load(pax)
+    assert all(read_by_offset(info, {0: 0, 5: 5}, m) is None for info in m.split("train").shards)
+    assert (_global_sequence(pax, dp=2, start=0, steps=40)
+            == _global_sequence(indexed_dataset, dp=2, start=0, steps=40))
+
+
+def test_a_damaged_header_is_found_and_the_shard_skipped(indexed_dataset, tmp_path, caplog):
+    from pretrain.data.loader import read_by_offset
+
+    root = _copy(indexed_dataset, tmp_path / "ds")
+    shard = root / "train" / "shard-000002.tar"
+    data = bytearray(shard.read_bytes())
+    stride = 512 + 512  # 17 uint16 tokens: one header block and one data block per sample
+    data[7 * stride + 3] ^= 0x01  # the name of member 7: same size, bad header checksum
+    shard.write_bytes(bytes(data))
+    m = Manifest.load(root)
+    info = m.split("train").shards[2]
+    assert read_by_offset(info, {6: 6}, m) is not None  # the intact members still read
+    assert read_by_offset(info, {6: 6, 7: 7}, m) is None  # -> streamed, which reports it
+    with pytest.raises(DataError, match="max_bad_shards"):
+        _global_sequence(root, 1, 0, 200, micro=5, workers=0)
+    assert "skipping unreadable shard" in caplog.text and "shard-000002" in caplog.text
+
+
 def test_token_outside_vocabulary_is_a_data_error_naming_the_shard(tmp_path):
     samples = indexed_samples(20, 16, V)
     samples[13, 5] = V + 7

@@ -20,16 +20,22 @@ from pretrain.data.manifest import compute_fingerprint, sha256_file
 TOKENIZER = {"version": "1.0", "note": "synthetic dataset: no real tokenizer"}
 
 
-def write_split(root: Path, split: str, samples: np.ndarray, per_shard: List[int]) -> List[Dict]:
+def write_split(root: Path, split: str, samples: np.ndarray, per_shard: List[int],
+                pax: bool = False) -> List[Dict]:
+    """pax: each member gets a PAX extended header first (a valid tar in another layout than
+    pretrain-data's, as other writers produce)."""
     (root / split).mkdir(parents=True, exist_ok=True)
     shards, i = [], 0
     for n, count in enumerate(per_shard):
         rel = f"{split}/shard-{n:06d}.tar"
-        with tarfile.open(root / rel, "w", format=tarfile.USTAR_FORMAT) as tar:
+        fmt = tarfile.PAX_FORMAT if pax else tarfile.USTAR_FORMAT
+        with tarfile.open(root / rel, "w", format=fmt) as tar:
             for j in range(i, i + count):
                 payload = samples[j].astype(samples.dtype).tobytes()
                 info = tarfile.TarInfo(f"{j:010d}.tokens")
                 info.size = len(payload)
+                if pax:
+                    info.pax_headers = {"comment": f"sample {j}"}
                 tar.addfile(info, io.BytesIO(payload))
         shards.append({"path": rel, "samples": count, "tokens": count * samples.shape[1],
                        "bytes": (root / rel).stat().st_size, "sha256": sha256_file(str(root / rel))})
@@ -38,13 +44,14 @@ def write_split(root: Path, split: str, samples: np.ndarray, per_shard: List[int
 
 
 def write_dataset(root: Path, train: np.ndarray, per_shard: List[int], vocab_size: int,
-                  val: Optional[np.ndarray] = None, val_per_shard: Optional[List[int]] = None) -> Path:
+                  val: Optional[np.ndarray] = None, val_per_shard: Optional[List[int]] = None,
+                  pax: bool = False) -> Path:
     """train/val: (n, seq_len + 1) arrays (uint16); per_shard: samples in each shard."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / "tokenizer.json").write_text(json.dumps(TOKENIZER))
     tok_sha = sha256_file(str(root / "tokenizer.json"))
-    splits = {"train": write_split(root, "train", train, per_shard)}
+    splits = {"train": write_split(root, "train", train, per_shard, pax)}
     if val is not None:
         splits["val"] = write_split(root, "val", val, val_per_shard or [len(val)])
     seq_len = train.shape[1] - 1
