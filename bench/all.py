@@ -125,7 +125,8 @@ def tokenizer_rows(quick: bool) -> List[Row]:
     from tokenizer import bpe
     from tokenizer.corpus import read_documents
 
-    mb, reps, vocab, seq_len = (2.0, 2, 8192, 2048) if quick else (8.0, 5, 8192, 2048)
+    # 32 MB: enough that starting the workers and loading the tokenizer stop mattering
+    mb, reps, vocab, seq_len = (2.0, 2, 8192, 2048) if quick else (32.0, 3, 8192, 2048)
     work = tempfile.mkdtemp(prefix="bench_all_tokenizer_")
     try:
         corpus = os.path.join(work, "corpus")
