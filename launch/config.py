@@ -36,6 +36,7 @@ def compose_config(overrides: Optional[List[str]] = None) -> Config:
     from hydra.core.global_hydra import GlobalHydra
 
     register()
+    check_overrides(list(overrides or []))
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
         try:
@@ -43,6 +44,27 @@ def compose_config(overrides: Optional[List[str]] = None) -> Config:
         except Exception as e:  # Hydra's own errors for bad keys/values/groups
             raise ConfigError(_hydra_message(e)) from e
     return to_config(cfg)
+
+
+def check_overrides(overrides: List[str]) -> None:
+    """Parse each `key=value` override as Hydra will; a value it cannot read is a ConfigError that
+    says how to write it (braces, as in shard ranges, must be quoted for Hydra)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for arg in overrides:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            parser.parse_overrides([arg])
+        except Exception as e:  # Hydra's OverrideParseException
+            key, value = arg.split("=", 1)
+            hint = ""
+            if ("{" in value or "}" in value) and value[:1] not in ("'", '"'):
+                hint = (f"; Hydra reads '{{' as the start of a dictionary: quote the value for "
+                        f"Hydra inside the shell's quotes, \"{key}='{value}'\"")
+            raise ConfigError(f"cannot read the override {arg!r} ({_hydra_message(e)}){hint}") \
+                from None
 
 
 def _hydra_message(e: Exception) -> str:

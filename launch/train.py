@@ -24,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from launch.config import fail, register, to_config
+from launch.config import check_overrides, fail, register, to_config
 from pretrain.errors import PretrainError
 
 
@@ -80,6 +80,10 @@ def _requeue_submitit_job(result, max_requeues: int) -> None:
 
 def main() -> None:
     register()
+    try:
+        check_overrides(sys.argv[1:])
+    except PretrainError as e:
+        fail(e)
     _app()
 
 

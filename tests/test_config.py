@@ -32,6 +32,7 @@ def test_validation_names_the_setting(overrides, world, setting):
     ("model.hiden_size=64", "hiden_size"),  # misspelt key
     ("optimizer.lr=fast", "optimizer.lr"),  # wrong type
     ("model=gpt5", "model/gpt5"),  # unknown preset
+    ("data.shards=/d/shard-{0..3}.tar", "quote the value for Hydra .*\"data.shards='/d/shard-"),
 ])
 def test_hydra_rejects_unknown_keys_and_types(override, text):
     with pytest.raises(ConfigError, match=text):
@@ -74,3 +75,9 @@ def test_cli_fails_before_any_process_group(tiny_dataset, tmp_path):
 
     proc = run_train(tiny_overrides(tmp_path / "nowhere", run_dir), check=False)
     assert proc.returncode == 2 and "DataError" in proc.stderr and "pretrain-data" in proc.stderr
+
+    # A brace range the shell passed unquoted to Hydra: how to write it, before Hydra starts.
+    proc = run_train(tiny_overrides(tiny_dataset, run_dir, data__shards="/d/s-{0..3}.tar"),
+                     check=False)
+    assert proc.returncode == 2 and "\"data.shards='/d/s-{0..3}.tar'\"" in proc.stderr
+    assert not run_dir.exists()
