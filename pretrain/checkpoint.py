@@ -20,6 +20,7 @@ The check reads sizes only, before any process group starts, so every rank picks
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -175,6 +176,42 @@ def _repair_optimizer(optimizer: torch.optim.Optimizer, decay: List[float]) -> N
             state["step"] = state["step"].clone()
 
 
+@contextlib.contextmanager
+def _model_file_read_once(engine, reuse: bool):
+    """DeepSpeed's load_checkpoint reads the model-states file twice: first in
+    SDLoaderBase.check_ckpt_list, only to compare its mp_world_size, then for real. On the
+    tensor-parallel rank 0, whose real read is that same first file, the first read is handed back
+    instead of reading it again (a resume of a large model reads gigabytes less per rank). Other
+    ranks read another file for real: nothing is kept for them."""
+    ce = getattr(engine, "checkpoint_engine", None)
+    original = getattr(ce, "load", None)
+    if not reuse or original is None:
+        yield
+        return
+    first: Dict[str, Any] = {}
+    calls = [0]
+
+    def load(path, *args, **kwargs):
+        calls[0] += 1
+        if str(path) in first:
+            return first.pop(str(path))
+        sd = original(path, *args, **kwargs)
+        if calls[0] == 1:  # check_ckpt_list's read
+            first[str(path)] = sd
+        return sd
+
+    own = vars(ce).get("load")  # an instance attribute, if DeepSpeed ever sets one
+    ce.load = load
+    try:
+        yield
+    finally:
+        if own is None:
+            del ce.load  # the class's method again
+        else:
+            ce.load = own
+        first.clear()
+
+
 class Checkpointer:
     def __init__(self, root: Path, dist, keep_last: int = 3, seed: int = 0):
         self.root = Path(root)
@@ -248,9 +285,10 @@ class Checkpointer:
         base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer
         decay = [g["weight_decay"] for g in base.param_groups]
         try:
-            loaded, client = engine.load_checkpoint(
-                str(path.parent), tag=path.name, load_optimizer_states=load_optimizer,
-                load_lr_scheduler_states=load_optimizer, load_module_strict=True)
+            with _model_file_read_once(engine, self.dist.tp_rank == 0):
+                loaded, client = engine.load_checkpoint(
+                    str(path.parent), tag=path.name, load_optimizer_states=load_optimizer,
+                    load_lr_scheduler_states=load_optimizer, load_module_strict=True)
         except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
             raise CheckpointError(f"cannot load {path}: {e}") from e
         if loaded is None:

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,3 +25,21 @@ def indexed_dataset(tmp_path_factory) -> Path:
     samples = indexed_samples(1000, 16, 1024)
     return write_dataset(root, samples, [150, 130, 170, 100, 160, 140, 150], 1024,
                          val=indexed_samples(40, 16, 1024, seed=1))
+
+
+@pytest.fixture(scope="module")
+def dist():
+    """A one-rank gloo group in this process (the benchmarks' own, bench.common.cpu_dist), for
+    in-process engines; shut down after the module if the module started it."""
+    import torch
+
+    from bench import common
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    started_here = not torch.distributed.is_initialized()
+    common._DIST = None
+    d = common.cpu_dist()
+    yield d
+    common._DIST = None
+    if started_here:
+        d.shutdown()

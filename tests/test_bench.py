@@ -12,19 +12,6 @@ from bench import common
 from bench.common import Ratio, Timing, interleave, paired_ratio, table
 
 
-@pytest.fixture(scope="module")
-def dist():
-    """The benchmarks' one-rank gloo group; shut down afterwards if this module started it."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    started_here = not torch.distributed.is_initialized()
-    common._DIST = None
-    d = common.cpu_dist()
-    yield d
-    common._DIST = None
-    if started_here:
-        d.shutdown()
-
-
 def test_interleave_runs_every_variant_in_turn_and_drops_the_warmup():
     calls = []
     timings = interleave({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},

@@ -115,3 +115,42 @@ def test_changed_model_shape_or_dataset_refuses_to_resume(tiny_dataset, indexed_
     # What may change does: more steps, other logging.
     run_train(tiny_overrides(tiny_dataset, tmp_path, steps=3, trainer__log_every=3))
     assert losses(tmp_path)[3] > 0
+
+
+def test_a_load_reads_the_model_file_once_and_restores_the_state(dist, tmp_path):
+    """DeepSpeed reads mp_rank_00_model_states.pt twice per load (once only to check the TP size);
+    Checkpointer.load hands the first read back. The state still comes back exactly."""
+    from bench.bench_step import SHAPES, Ours, our_config
+    from pretrain.checkpoint import Checkpointer
+    from pretrain.engine import build_engine
+    from pretrain.model.gpt import GPT
+
+    shape = SHAPES["test"]
+    cfg = our_config(shape, Ours())
+    engine = build_engine(GPT(cfg.model, cfg.model.padded_vocab_size(1), 1, "cpu"), cfg, dist)
+    tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq + 1))
+
+    def step():
+        loss = engine(tokens)
+        engine.backward(loss)
+        engine.step()
+        return loss.item()
+
+    step()
+    ckpt = Checkpointer(tmp_path, dist, keep_last=2)
+    saved = ckpt.save(engine, 1, {"trainer_state": {"step": 1}})
+    after = [step(), step()]
+    reads = []
+    real_load = torch.load
+
+    def counting_load(f, *args, **kwargs):
+        reads.append(Path(f).name)
+        return real_load(f, *args, **kwargs)
+
+    torch.load = counting_load
+    try:
+        ckpt.load(engine, saved)
+    finally:
+        torch.load = real_load
+    assert reads.count("mp_rank_00_model_states.pt") == 1, reads
+    assert [step(), step()] == after  # model, optimizer and schedule came back bit for bit
