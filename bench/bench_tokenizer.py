@@ -150,16 +150,16 @@ def main(argv=None) -> None:
         docs = (d for d, _ in read_documents(files))
         bpe.train_tokenizer(docs, args.vocab_size).save(tok_path)
         variants = {
-            "pretrain-data, 1 worker": ours(corpus, f"{work}/o1", tok_path, 1, args.seq_len),
-            "pretrain-data, 2 workers": ours(corpus, f"{work}/o2", tok_path, 2, args.seq_len),
-            "  encode only, 1 worker": ours_encode_only(corpus, tok_path, args.seq_len),
+            ONE: ours(corpus, f"{work}/o1", tok_path, 1, args.seq_len),
+            TWO: ours(corpus, f"{work}/o2", tok_path, 2, args.seq_len),
+            ENCODE: ours_encode_only(corpus, tok_path, args.seq_len),
             "pretrain-data, tokenizers engine": ours(corpus, f"{work}/o3", tok_path, 1,
                                                      args.seq_len, encoder="tokenizers"),
-            "peer: HF tokenizers per doc": peer_hf(files, tok_path, os.path.join(work, "peer.bin")),
+            HF_PEER: peer_hf(files, tok_path, os.path.join(work, "peer.bin")),
         }
         tt = peer_tiktoken(files, tok_path, os.path.join(work, "tt.bin"))
         if tt is not None:
-            variants["peer: tiktoken per doc"] = tt
+            variants[TIKTOKEN_PEER] = tt
         runs: Dict[str, List[Tuple[float, float, int]]] = {k: [] for k in variants}
         for rep in range(args.reps + 1):  # round 0 is the warm-up
             for name, fn in variants.items():
@@ -171,24 +171,42 @@ def main(argv=None) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+ONE, TWO, ENCODE = "pretrain-data, 1 worker", "pretrain-data, 2 workers", "  encode only, 1 worker"
+HF_PEER, TIKTOKEN_PEER = "peer: HF tokenizers per doc", "peer: tiktoken per doc"
+
+
+def paired(runs: Dict[str, List[Tuple[float, float, int]]], a: str, b: str,
+           wall: bool = False) -> Tuple[float, float, float]:
+    """(median, min, max) over rounds of a's MB/s over b's MB/s in the same round: the machine's
+    speed drifts from round to round, a ratio within a round does not."""
+    def rate(r: Tuple[float, float, int]) -> float:
+        return r[2] / (r[0] if wall else r[1])
+
+    ratios = [rate(x) / rate(y) for x, y in zip(runs[a], runs[b])]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
 def report(runs: Dict[str, List[Tuple[float, float, int]]], args) -> None:
     wall = {k: statistics.median(b / MB / w for w, _, b in v) for k, v in runs.items()}
     cpu = {k: statistics.median(b / MB / c for _, c, b in v) for k, v in runs.items()}
-    peer = "peer: HF tokenizers per doc"
     print(f"\ntokenize + shard writing, {args.mb:g} MB of stdlib source, vocab {args.vocab_size}, "
           f"seq_len {args.seq_len}, median of {args.reps} (interleaved, warm-up dropped), "
           f"{os.cpu_count()} cores\n")
-    print(f"| {'variant':32s} | wall MB/s | CPU MB/s (per core) | vs HF peer (CPU) |")
-    print(f"| {'-' * 32} | --------: | ------------------: | ---------------: |")
+    print(f"| {'variant':32s} | wall MB/s | CPU MB/s (per core) | vs HF peer (CPU, paired) |")
+    print(f"| {'-' * 32} | --------: | ------------------: | ------------------------ |")
     for k in runs:
-        print(f"| {k:32s} | {wall[k]:9.2f} | {cpu[k]:19.2f} | {cpu[k] / cpu[peer]:15.2f}x |")
-    one, two = wall["pretrain-data, 1 worker"], wall["pretrain-data, 2 workers"]
-    overhead = 1 - cpu["pretrain-data, 1 worker"] / cpu["  encode only, 1 worker"]
-    print(f"\nparallel efficiency, 1 -> 2 workers (wall): {two / (2 * one):.0%}")
-    print(f"shard writing overhead (CPU, 1 worker vs encode only): {overhead:.1%}")
-    if "peer: tiktoken per doc" in cpu:
-        ratio = cpu["pretrain-data, 1 worker"] / cpu["peer: tiktoken per doc"]
-        print(f"per core vs tiktoken (CPU): {ratio:.2f}x")
+        m, lo, hi = paired(runs, k, HF_PEER)
+        print(f"| {k:32s} | {wall[k]:9.2f} | {cpu[k]:19.2f} | "
+              f"{f'{m:.2f}x [{lo:.2f}-{hi:.2f}]':24s} |")
+    eff = paired(runs, TWO, ONE, wall=True)
+    print(f"\nparallel efficiency, 1 -> 2 workers (wall): {eff[0] / 2:.0%} "
+          f"[{eff[1] / 2:.0%}-{eff[2] / 2:.0%}]")
+    over = paired(runs, ONE, ENCODE)
+    print(f"shard writing overhead (CPU, 1 worker vs encode only): {1 - over[0]:.1%} "
+          f"[{1 - over[2]:.1%}-{1 - over[1]:.1%}]")
+    if TIKTOKEN_PEER in runs:
+        m, lo, hi = paired(runs, ONE, TIKTOKEN_PEER)
+        print(f"per core vs tiktoken (CPU, paired by round): {m:.2f}x [{lo:.2f}-{hi:.2f}]")
 
 
 if __name__ == "__main__":

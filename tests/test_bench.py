@@ -112,3 +112,14 @@ def test_checkpoint_bench_saves_the_same_state(dist, tmp_path):
     assert res.megabytes == pytest.approx(res.peer_megabytes, rel=0.2)
     assert all(res.ratio(peer).median > 0 for peer in bc.PEERS)
     assert all(res.load_ratio(peer).median > 0 for peer in bc.LOAD_PEERS) and len(res.rows()) == 6
+
+
+def test_tokenizer_bench_compares_every_variant_round_by_round(capsys):
+    from bench import bench_tokenizer as btok
+
+    btok.main(["--mb", "0.3", "--reps", "2", "--vocab-size", "300", "--seq-len", "64"])
+    out = capsys.readouterr().out
+    for name in (btok.ONE, btok.TWO, btok.ENCODE, btok.HF_PEER, btok.TIKTOKEN_PEER,
+                 "pretrain-data, tokenizers engine"):
+        assert f"| {name}" in out
+    assert "per core vs tiktoken (CPU, paired by round)" in out and "nan" not in out
