@@ -152,27 +152,22 @@ def tokenizer_rows(quick: bool) -> List[Row]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     cpu = {k: statistics.median(b / btok.MB / c for _, c, b in v) for k, v in runs.items()}
-    wall = {k: statistics.median(b / btok.MB / w for w, _, b in v) for k, v in runs.items()}
+
+    def vs(a: str, b: str, wall: bool = False) -> str:
+        m, lo, hi = btok.paired(runs, a, b, wall)
+        return f"{m:.2f}x [{lo:.2f}-{hi:.2f}]"
+
     rows = [["tokenizer", "MB/s per core, 1 worker", f"{cpu['ours1']:.3g}",
-             f"{cpu['hf']:.3g} (HF tokenizers)", f"{cpu['ours1'] / cpu['hf']:.2f}x", ""]]
+             f"{cpu['hf']:.3g} (HF tokenizers)", vs("ours1", "hf"), ""]]
     if "tiktoken" in cpu:
         rows.append(["tokenizer", "MB/s per core, 1 worker", f"{cpu['ours1']:.3g}",
-                     f"{cpu['tiktoken']:.3g} (tiktoken)", f"{cpu['ours1'] / cpu['tiktoken']:.2f}x",
-                     ">= 1.0x"])
+                     f"{cpu['tiktoken']:.3g} (tiktoken)", vs("ours1", "tiktoken"), ">= 1.0x"])
+    eff = btok.paired(runs, "ours2", "ours1", wall=True)
     rows.append(["tokenizer", "parallel efficiency, 1 -> 2 workers (wall)",
-                 f"{wall['ours2'] / (2 * wall['ours1']):.0%}", "", "", ">= 80%"])
+                 f"{eff[0] / 2:.0%}", "", "", ">= 80%"])
     rows.append(["tokenizer", "shard writing overhead (CPU)",
-                 f"{1 - cpu['ours1'] / cpu['encode']:.1%}", "", "", "<= 10%"])
+                 f"{1 - btok.paired(runs, 'ours1', 'encode')[0]:.1%}", "", "", "<= 10%"])
     return rows
-
-
-SECTIONS: Dict[str, Callable[[bool], List[Row]]] = {
-    "step": step_rows,
-    "throughput": throughput_rows,
-    "loader": loader_rows,
-    "checkpoint": checkpoint_rows,
-    "tokenizer": tokenizer_rows,
-}
 
 
 def main(argv=None) -> None:
