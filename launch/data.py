@@ -35,7 +35,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--encoder", choices=["auto", "tiktoken", "tokenizers"], default="auto",
-                   help="the engine running the tokenizer's BPE: tiktoken (about 8x faster, "
+                   help="the engine running the tokenizer's BPE: tiktoken (about 6x faster, "
                         "checked to give tokenizers' ids) when the tokenizer allows, else "
                         "tokenizers")
     return p.parse_args(argv)

@@ -189,14 +189,15 @@ def _model_file_read_once(engine, reuse: bool):
         yield
         return
     first: Dict[str, Any] = {}
-    calls = [0]
+    calls = 0
 
     def load(path, *args, **kwargs):
-        calls[0] += 1
+        nonlocal calls
+        calls += 1
         if str(path) in first:
             return first.pop(str(path))
         sd = original(path, *args, **kwargs)
-        if calls[0] == 1:  # check_ckpt_list's read
+        if calls == 1:  # check_ckpt_list's read
             first[str(path)] = sd
         return sd
 

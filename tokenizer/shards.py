@@ -16,7 +16,8 @@ from typing import Any, BinaryIO, Dict, List, Optional
 
 import numpy as np
 
-from pretrain.data.manifest import KEY_DIGITS, SAMPLE_SUFFIX
+from pretrain.data.manifest import (KEY_DIGITS, SAMPLE_SUFFIX, TAR_BLOCK, member_bytes,
+                                    tar_checksum)
 
 
 class _HashingWriter:
@@ -37,7 +38,6 @@ class _HashingWriter:
         return self.bytes
 
 
-BLOCK = tarfile.BLOCKSIZE  # 512
 RECORD = tarfile.RECORDSIZE  # 10240: tarfile pads an archive to a multiple of this
 
 
@@ -49,8 +49,7 @@ class _MemberHeaders:
 
     def __init__(self, payload_bytes: int):
         self.template = bytearray(self._tarfile_header(0, payload_bytes))
-        name_sum = sum(self.template[:KEY_DIGITS])
-        self.base = sum(self.template[:148]) + 8 * ord(" ") + sum(self.template[156:]) - name_sum
+        self.base = tar_checksum(self.template) - sum(self.template[:KEY_DIGITS])
         self.payload_bytes = payload_bytes
 
     @staticmethod
@@ -85,8 +84,9 @@ class ShardWriter:
         self._pending_tokens = 0
         self._file: Optional[BinaryIO] = None
         self._out: Optional[_HashingWriter] = None
-        self._headers = _MemberHeaders(sample_tokens * self.dtype.itemsize)
-        self._padding = bytes(-(sample_tokens * self.dtype.itemsize) % BLOCK)
+        payload = sample_tokens * self.dtype.itemsize
+        self._headers = _MemberHeaders(payload)
+        self._padding = bytes(member_bytes(payload) - TAR_BLOCK - payload)
         self._shard_samples = 0
         os.makedirs(os.path.join(root, split), exist_ok=True)
 
@@ -131,8 +131,8 @@ class ShardWriter:
 
     def _close_shard(self) -> None:
         # End of archive as tarfile.close() writes it: two zero blocks, then zeros up to a record.
-        end = self._out.bytes + 2 * BLOCK
-        self._out.write(bytes(2 * BLOCK + (-end % RECORD)))
+        end = self._out.bytes + 2 * TAR_BLOCK
+        self._out.write(bytes(2 * TAR_BLOCK + (-end % RECORD)))
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()

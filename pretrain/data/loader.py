@@ -25,7 +25,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pretrain.data.manifest import Manifest, ShardInfo, decode_sample, is_remote
+from pretrain.data.manifest import (TAR_BLOCK, Manifest, ShardInfo, decode_sample, is_remote,
+                                    member_bytes, tar_checksum)
 from pretrain.data.order import BlendSchedule, SampleOrder, Window, micro_batch_indices, owner
 from pretrain.errors import DataError
 
@@ -179,16 +180,12 @@ class _WindowCache:
             self.rows[pos] = self.rows[have[i % len(have)]]
 
 
-TAR_BLOCK = 512
-
-
 def _checksum_ok(header: bytes) -> bool:
-    """The tar header checksum: the sum of the 512 header bytes with its own field as spaces."""
     try:
         recorded = int(header[148:156].strip(b"\0 ") or b"-1", 8)
     except ValueError:
         return False
-    return recorded == sum(header[:148]) + 8 * 32 + sum(header[156:TAR_BLOCK])
+    return recorded == tar_checksum(header)
 
 
 def read_by_offset(info: ShardInfo, want: Dict[int, int],
@@ -199,7 +196,7 @@ def read_by_offset(info: ShardInfo, want: Dict[int, int],
     checksum); None when the shard is not in that layout or is damaged (the caller streams it
     instead, which reports the damage)."""
     payload = manifest.sample_tokens * manifest.dtype.itemsize
-    stride = TAR_BLOCK + -(-payload // TAR_BLOCK) * TAR_BLOCK
+    stride = member_bytes(payload)
     size_field = b"%011o\0" % payload  # USTAR: size as 11 octal digits and a NUL
     out: Dict[int, np.ndarray] = {}
     try:

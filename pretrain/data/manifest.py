@@ -27,6 +27,8 @@ MANIFEST_NAME = "manifest.json"
 SAMPLE_SUFFIX = "tokens"  # tar member `{key}.tokens`; webdataset exposes it as sample["tokens"]
 KEY_DIGITS = 10
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+# Shards are USTAR tars: every member is a 512-byte header then its payload padded to 512.
+TAR_BLOCK = 512
 
 _TOP_KEYS = ("format", "seq_len", "sample_tokens", "dtype", "vocab_size", "eod_id", "tokenizer",
              "splits", "fingerprint")
@@ -37,6 +39,16 @@ _SHARD_KEYS = ("path", "samples", "tokens", "bytes", "sha256")
 def dtype_for_vocab(vocab_size: int) -> str:
     """The narrowest token dtype that holds every id of a vocabulary."""
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def member_bytes(payload_bytes: int) -> int:
+    """Bytes one tar member of `payload_bytes` takes: its header and its padded payload."""
+    return TAR_BLOCK + -(-payload_bytes // TAR_BLOCK) * TAR_BLOCK
+
+
+def tar_checksum(header: bytes) -> int:
+    """A tar header's checksum: the sum of its 512 bytes with the checksum field as spaces."""
+    return sum(header[:148]) + 8 * ord(" ") + sum(header[156:TAR_BLOCK])
 
 
 def is_remote(path: str) -> bool:
