@@ -3,6 +3,12 @@
 A plain text file is one document. A JSONL file (`.jsonl`, `.jsonl.gz`, `.jsonl.zst`) holds one
 JSON object per line; its `text_field` is one document. Files are read one at a time and JSONL
 line by line, so memory stays at one file (text) or one line (JSONL), whatever the corpus size.
+
+A truncated or corrupt JSONL file is a DataError naming it, never a shorter corpus: a compressed
+stream must reach its end-of-stream marker (gzip checks this itself; zstandard's stream reader
+stops silently inside a cut frame, so zstd frames are decoded here), and a last line without a
+newline that is not JSON is a cut line. Progress is counted in input file bytes read (compressed
+bytes for compressed files), against their sizes on disk: exact, whatever the compression ratio.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ TEXT_SUFFIXES = frozenset({
 })
 # Rough text / file size ratios, only to spread the tokenizer's training sample over the corpus.
 _COMPRESSION = {".jsonl.gz": 3.0, ".jsonl.zst": 4.0}
+_READ_CHUNK = 1 << 18  # compressed bytes per read of a .zst file
 
 
 def kind_of(path: str) -> Optional[str]:
@@ -92,6 +99,11 @@ def estimated_text_bytes(files: Sequence[str]) -> int:
     return int(total)
 
 
+def input_bytes(files: Sequence[str]) -> int:
+    """The files' size on disk: what `CorpusStats.read_bytes` reaches once all are read."""
+    return sum(os.path.getsize(f) for f in files)
+
+
 def doc_hash(data: bytes, seed: int) -> Tuple[float, float]:
     """Two independent uniform numbers in [0, 1) that are a function of the document and seed:
     the first chooses the split, the second the tokenizer's training sample."""
@@ -105,6 +117,7 @@ class CorpusStats:
     files: int = 0
     documents: int = 0
     bytes: int = 0  # UTF-8 bytes of the documents read
+    read_bytes: int = 0  # bytes of the input files read so far (compressed bytes where compressed)
     skipped_files: int = 0  # not valid UTF-8
     skipped_lines: int = 0  # JSONL lines that are not JSON, not UTF-8, or lack a string text field
     truncated: bool = False  # stopped at max_bytes
@@ -135,6 +148,7 @@ def read_documents(files: Sequence[str], text_field: str = "text",
 def _text_document(path: str, stats: CorpusStats, warn: bool) -> Iterator[Tuple[str, int]]:
     with open(path, "rb") as f:
         data = f.read()
+    stats.read_bytes += len(data)
     try:
         doc = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -147,22 +161,62 @@ def _text_document(path: str, stats: CorpusStats, warn: bool) -> Iterator[Tuple[
         yield doc, len(data)
 
 
-def _open_jsonl(path: str) -> io.BufferedIOBase:
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of every zstd frame of `raw`, in order. Input that ends inside a
+    frame raises EOFError (zstandard's stream_reader returns what it decoded and stops); a bad
+    frame or content checksum raises ZstdError."""
+
+    def __init__(self, raw: io.RawIOBase):
+        super().__init__()
+        self._raw, self._dctx = raw, zstandard.ZstdDecompressor()
+        self._frame = None  # the decompressobj of the frame being read; None between frames
+        self._out, self._pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._pos == len(self._out):
+            data = self._raw.read(_READ_CHUNK)
+            if not data:
+                if self._frame is not None:
+                    raise EOFError("the file ends inside a zstd frame")
+                return 0
+            self._out, self._pos = self._decode(data), 0
+        n = min(len(buffer), len(self._out) - self._pos)
+        buffer[:n] = memoryview(self._out)[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def _decode(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            if self._frame is None:
+                self._frame = self._dctx.decompressobj()
+            out.append(self._frame.decompress(data))
+            if not self._frame.eof:
+                break
+            data, self._frame = self._frame.unused_data, None
+        return b"".join(out)
+
+
+def _open_jsonl(path: str, raw: io.RawIOBase) -> io.BufferedIOBase:
+    """The decompressed bytes of `path`, opened unbuffered as `raw` (whose position is then the
+    count of file bytes read)."""
     if path.lower().endswith(".gz"):
-        return gzip.open(path, "rb")
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # EOFError at a cut, BadGzipFile on a bad CRC
     if path.lower().endswith(".zst"):
-        reader = zstandard.ZstdDecompressor().stream_reader(
-            open(path, "rb"), read_across_frames=True, closefd=True)
-        return io.BufferedReader(reader)
-    return open(path, "rb")
+        return io.BufferedReader(_ZstdFrames(raw), _READ_CHUNK)
+    return io.BufferedReader(raw)
 
 
 def _jsonl_documents(path: str, field: str, stats: CorpusStats,
                      warn: bool) -> Iterator[Tuple[str, int]]:
     lines = missing = found = bad = 0
     first_keys: List[str] = []
+    start = stats.read_bytes
     try:
-        with _open_jsonl(path) as f:
+        with open(path, "rb", buffering=0) as raw, _open_jsonl(path, raw) as f:
             for line in f:
                 if not line.strip():
                     continue
@@ -170,6 +224,10 @@ def _jsonl_documents(path: str, field: str, stats: CorpusStats,
                 try:
                     obj = json.loads(line)
                 except ValueError:  # JSONDecodeError and UnicodeDecodeError
+                    if not line.endswith(b"\n"):  # only the last line can lack one
+                        raise DataError(f"{path}: the last line is cut off (no newline at the end, "
+                                        "not JSON): the file is truncated; replace or remove "
+                                        "it") from None
                     bad += 1
                     continue
                 text = obj.get(field) if isinstance(obj, dict) else None
@@ -185,7 +243,9 @@ def _jsonl_documents(path: str, field: str, stats: CorpusStats,
                     continue
                 found += 1
                 if text:
+                    stats.read_bytes = start + raw.tell()
                     yield text, n
+            stats.read_bytes = start + raw.tell()
     except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
         raise DataError(f"{path}: cannot read ({e}); the file is corrupt or truncated, replace "
                         "or remove it") from e

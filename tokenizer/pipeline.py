@@ -17,6 +17,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -25,14 +26,14 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
 from pretrain.data.manifest import (FORMAT, MANIFEST_NAME, compute_fingerprint, dtype_for_vocab,
                                     sha256_file)
 from pretrain.errors import ConfigError, DataError, EnvironmentSetupError
 from tokenizer import bpe, encoders
 from tokenizer.corpus import (CorpusStats, discover, doc_hash, estimated_text_bytes,
-                              read_documents)
+                              input_bytes, read_documents)
+from tokenizer.progress import Progress
 from tokenizer.shards import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -124,11 +125,22 @@ class PrepareResult:
 
 
 def prepare(cfg: PrepareConfig) -> PrepareResult:
-    """Write the dataset directory `cfg.output`; the manifest is written last."""
+    """Write the dataset directory `cfg.output`; the manifest is written last. A run that fails
+    (a corrupt input, an interrupt) removes what it wrote: no partial dataset is left, and the
+    re-run needs no --overwrite."""
     cfg.validate()
     files = discover(cfg.inputs, exclude=cfg.output)
     reused = _read_bytes(cfg.tokenizer) if cfg.tokenizer else None
     out = _prepare_output(cfg.output, cfg.overwrite)
+    try:
+        return _write_dataset(cfg, files, out, reused)
+    except BaseException:
+        _remove_ours(out)
+        raise
+
+
+def _write_dataset(cfg: PrepareConfig, files: List[str], out: str,
+                   reused: Optional[bytes]) -> PrepareResult:
     tok_path = os.path.join(out, TOKENIZER_NAME)
     t0 = time.perf_counter()
     if reused is None:
@@ -138,6 +150,8 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         bpe.load_tokenizer(cfg.tokenizer)  # fails early on a file without the EOD token
         _atomic_write(tok_path, reused)
     train_seconds = time.perf_counter() - t0
+    log.info("tokenizer %s in %.1f s: %s", "trained" if reused is None else "copied",
+             train_seconds, tok_path)
 
     tok = bpe.load_tokenizer(tok_path)
     vocab_size, eod = tok.get_vocab_size(), tok.token_to_id(bpe.EOD_TOKEN)
@@ -183,7 +197,9 @@ def _train_on_sample(files: List[str], cfg: PrepareConfig) -> Tokenizer:
 
     log.info("training a %d-token BPE tokenizer on ~%.0f MB of %d files", cfg.vocab_size,
              min(budget, total * rate) / MB, len(files))
-    tok = bpe.train_tokenizer(sample(), cfg.vocab_size, progress=cfg.progress)
+    # tokenizers draws its bar on a terminal and writes blank lines to a log: bar or nothing.
+    tok = bpe.train_tokenizer(sample(), cfg.vocab_size,
+                              progress=cfg.progress and sys.stderr.isatty())
     if tok.get_vocab_size() <= 257:
         raise DataError(f"no training text in {cfg.inputs}: every file was empty or skipped; "
                         "check --input and --text-field")
@@ -201,25 +217,28 @@ def _write_shards(files: List[str], cfg: PrepareConfig, out: str, tok_path: str,
     writers = {name: ShardWriter(out, name, cfg.seq_len + 1, np.dtype(dtype),
                                  int(cfg.shard_size_mb * MB)) for name in SPLITS}
     docs = read_documents(files, cfg.text_field, cfg.max_input_bytes, stats)
-    batches = batched(docs, int(cfg.batch_mb * MB))
+    read_at: collections.deque = collections.deque()  # (file bytes, text bytes) at each batch's end
+
+    def batches() -> Iterator[List[str]]:
+        for batch in batched(docs, int(cfg.batch_mb * MB)):
+            read_at.append((stats.read_bytes, stats.bytes))
+            yield batch
+
     total_mb = estimated_text_bytes(files) / MB
     if cfg.max_input_mb is not None:
         total_mb = min(total_mb, cfg.max_input_mb)
     # Starting a worker costs about a second: no more workers than batches to give them.
     workers = max(1, min(cfg.num_workers, math.ceil(total_mb / cfg.batch_mb)))
-    bar = tqdm(total=round(total_mb, 1), desc="tokenizing", disable=not cfg.progress,
-               mininterval=1.0,
-               bar_format="{desc}: {n:.1f}/{total:.1f} MB [{elapsed}{postfix}]")
-    tokens, t0 = 0, time.perf_counter()
-    with bar:
-        for batch in _encoded(batches, cfg, tok_path, dtype, workers):
+    progress = Progress(input_bytes(files), cfg.max_input_bytes, enabled=cfg.progress)
+    tokens = 0
+    try:
+        for batch in _encoded(batches(), cfg, tok_path, dtype, workers):
             for name in SPLITS:
                 writers[name].add(batch[name])
             tokens += batch["tokens"]
-            dt = max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix_str(f"{(bar.n + batch['bytes'] / MB) / dt:.2f} MB/s, "
-                                f"{tokens / dt:,.0f} tokens/s", refresh=False)
-            bar.update(batch["bytes"] / MB)
+            progress.update(*read_at.popleft(), tokens)
+    finally:
+        progress.close()
     return {name: w.close() for name, w in writers.items()}, tokens
 
 
@@ -330,7 +349,7 @@ def _manifest(cfg: PrepareConfig, out: str, tok_path: str, vocab_size: int, eod:
     }
 
 
-_OURS = (MANIFEST_NAME, TOKENIZER_NAME) + SPLITS
+_OURS = (MANIFEST_NAME, TOKENIZER_NAME) + SPLITS + (MANIFEST_NAME + ".tmp", TOKENIZER_NAME + ".tmp")
 
 
 def _prepare_output(path: str, overwrite: bool) -> str:
@@ -343,14 +362,19 @@ def _prepare_output(path: str, overwrite: bool) -> str:
         if not overwrite:
             raise DataError(f"--output {path} is not empty (a dataset is there already?); pass "
                             "--overwrite to replace it or choose another directory")
-        for name in _OURS:
-            target = os.path.join(out, name)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            elif os.path.exists(target):
-                os.remove(target)
+        _remove_ours(out)
     os.makedirs(out, exist_ok=True)
     return out
+
+
+def _remove_ours(out: str) -> None:
+    """Remove what pretrain-data writes in `out`, the manifest first."""
+    for name in _OURS:
+        target = os.path.join(out, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        elif os.path.exists(target):
+            os.remove(target)
 
 
 def _read_bytes(path: str) -> bytes:

@@ -1,21 +1,12 @@
 import gzip
-import json
+import re
 
 import pytest
 import zstandard
 
 from pretrain.errors import DataError
-from tokenizer.corpus import CorpusStats, discover, doc_hash, read_documents
-
-
-def write_jsonl(path, rows):
-    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
-    if path.name.endswith(".gz"):
-        data = gzip.compress(data, mtime=0)
-    elif path.name.endswith(".zst"):
-        data = zstandard.ZstdCompressor().compress(data)
-    path.write_bytes(data)
-    return path
+from tests.tokenizer.conftest import write_jsonl
+from tokenizer.corpus import CorpusStats, discover, doc_hash, input_bytes, read_documents
 
 
 def test_discover_walks_sorted_and_skips_hidden_unknown_and_excluded(tmp_path):
@@ -87,6 +78,75 @@ def test_corrupt_compressed_jsonl_is_an_error(tmp_path):
     path = tmp_path / "d.jsonl.gz"
     path.write_bytes(gzip.compress(b'{"text": "a"}\n' * 1000)[:-30])
     with pytest.raises(DataError, match="corrupt or truncated"):
+        list(read_documents([str(path)]))
+
+
+def test_read_bytes_count_compressed_input_exactly(compressed_corpus, stdlib_modules):
+    files = discover([str(compressed_corpus)])
+    total, stats, seen = input_bytes(files), CorpusStats(), []
+    for _ in read_documents(files, stats=stats):
+        seen.append(stats.read_bytes)
+    assert len(files) == 9 and seen == sorted(seen) and seen[-1] <= total
+    assert stats.read_bytes == total  # every byte of every file, none counted twice
+    assert stats.bytes > 4 * total  # the text is over 4x its files: a guess of 3x was passed
+    distinct = sum(1 for t in stdlib_modules[::2] if t)
+    assert stats.documents == distinct + 3 * sum(1 for i, t in enumerate(stdlib_modules)
+                                                 if t and i % 12 in (1, 5, 9))
+
+
+def _damaged(src, dst, keep=None, flip=None):
+    data = bytearray(src.read_bytes())
+    if flip is not None:
+        data[flip] ^= 0xFF
+    dst.write_bytes(bytes(data[:keep]))
+    return dst
+
+
+# Where each cut lands: mid-stream, and in the last bytes (gzip's CRC/size trailer; zstd's last
+# block) where zstandard's stream_reader used to return what it had and stop without an error.
+@pytest.mark.parametrize("name, keep", [("code-0.jsonl.gz", 0.5), ("code-0.jsonl.gz", -4),
+                                        ("crawl-0.jsonl.zst", 0.5), ("crawl-0.jsonl.zst", -3),
+                                        ("crawl-0.jsonl.zst", 0.999)])
+def test_a_truncated_compressed_file_is_an_error_naming_it(compressed_corpus, tmp_path, name,
+                                                           keep):
+    src = compressed_corpus / name
+    size = src.stat().st_size
+    bad = _damaged(src, tmp_path / name, keep=int(size * keep) if keep > 0 else size + keep)
+    good = str(compressed_corpus / "code-1.jsonl.gz")
+    with pytest.raises(DataError, match=re.escape(str(bad)) + ": cannot read .*truncated"):
+        list(read_documents([good, str(bad)]))
+
+
+def test_a_truncated_plain_jsonl_is_an_error_naming_it(compressed_corpus, tmp_path):
+    text = gzip.decompress((compressed_corpus / "code-0.jsonl.gz").read_bytes())
+    bad = tmp_path / "cut.jsonl"
+    bad.write_bytes(text[:len(text) // 2])
+    assert bad.read_bytes().count(b"\n") > 3
+    with pytest.raises(DataError, match=re.escape(str(bad)) + ": the last line is cut off"):
+        list(read_documents([str(bad)]))
+    bad.write_bytes(text[:text.rindex(b"\n", 0, len(text) // 2) + 1] + b'{"text": "last"}')
+    assert [d for d, _ in read_documents([str(bad)])][-1] == "last"  # JSON without a newline
+
+
+def test_corrupt_compressed_files_are_errors(compressed_corpus, tmp_path):
+    gz = _damaged(compressed_corpus / "code-0.jsonl.gz", tmp_path / "flip.jsonl.gz", flip=5000)
+    data = b'{"text": "a line of text"}\n' * 20000
+    zst = tmp_path / "sum.jsonl.zst"
+    zst.write_bytes(zstandard.ZstdCompressor(write_checksum=True).compress(data))
+    zst = _damaged(zst, zst, flip=-1)  # the content checksum
+    for bad in (gz, zst):
+        with pytest.raises(DataError, match=re.escape(str(bad)) + ": cannot read"):
+            list(read_documents([str(bad)]))
+
+
+def test_zst_frames_are_read_across_and_a_cut_in_the_last_is_an_error(tmp_path):
+    rows = [[{"text": f"frame {f} doc {i}"} for i in range(3000)] for f in range(3)]
+    frames = [write_jsonl(tmp_path / f"{f}.jsonl.zst", r).read_bytes() for f, r in enumerate(rows)]
+    path = tmp_path / "all.jsonl.zst"
+    path.write_bytes(b"".join(frames))
+    assert [d for d, _ in read_documents([str(path)])] == [r["text"] for f in rows for r in f]
+    path.write_bytes(b"".join(frames)[:-len(frames[-1]) // 2])
+    with pytest.raises(DataError, match="ends inside a zstd frame"):
         list(read_documents([str(path)]))
 
 

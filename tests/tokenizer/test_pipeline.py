@@ -1,7 +1,9 @@
 """pretrain-data end to end on real stdlib text: the shards are what the trainer's loader reads."""
 
 import json
+import logging
 import os
+import re
 
 import numpy as np
 import pytest
@@ -10,10 +12,9 @@ import webdataset as wds
 from pretrain.data.manifest import Manifest, decode_sample
 from pretrain.errors import ConfigError, DataError
 from tokenizer import bpe, prepare
-from tokenizer.corpus import discover, doc_hash, read_documents
+from tokenizer.corpus import discover, doc_hash, input_bytes, read_documents
 
-from tests.tokenizer.conftest import small_config
-from tests.tokenizer.test_corpus import write_jsonl
+from tests.tokenizer.conftest import small_config, write_jsonl
 
 
 def read_split(manifest, name):
@@ -134,3 +135,33 @@ def test_bad_settings_name_the_flag(corpus_dir, tmp_path):
         prepare(small_config([corpus_dir], tmp_path / "o", seq_len=0))
     with pytest.raises(ConfigError, match="--vocab-size"):
         prepare(small_config([corpus_dir], tmp_path / "o", vocab_size=100))
+
+
+def test_a_compressed_corpus_builds_with_exact_progress(compressed_corpus, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    files = discover([str(compressed_corpus)])
+    result = prepare(small_config([compressed_corpus], tmp_path / "o", vocab_size=300,
+                                  progress=True, tokenizer_sample_mb=1.0, batch_mb=0.5))
+    src = result.manifest["source"]
+    assert src["bytes"] > 4 * input_bytes(files)  # past the old guess, where the bar crashed
+    assert src["documents"] == result.stats.documents and src["skipped_lines"] == 0
+    Manifest.load(tmp_path / "o")
+    lines = [r.getMessage() for r in caplog.records if r.name == "tokenizer.progress"]
+    done = [int(m.split("%")[0].split()[-1]) for m in lines]
+    assert len(lines) >= 5 and done == sorted(done) and done[-1] == 100
+
+
+def test_a_failed_run_leaves_no_dataset(compressed_corpus, dataset, tmp_path):
+    cut = tmp_path / "in" / "cut.jsonl.zst"
+    cut.parent.mkdir()
+    data = (compressed_corpus / "crawl-1.jsonl.zst").read_bytes()
+    cut.write_bytes(data[:len(data) * 2 // 3])
+    inputs = [compressed_corpus / "code-0.jsonl.gz", cut]
+    tok = os.path.join(dataset[0].output, "tokenizer.json")
+    for reuse in (None, tok):  # fails while training the tokenizer, or after shards are written
+        out = tmp_path / f"out-{bool(reuse)}"
+        with pytest.raises(DataError, match=re.escape(str(cut)) + ": cannot read .*truncated"):
+            prepare(small_config(inputs, out, vocab_size=300, tokenizer=reuse, batch_mb=0.05))
+        assert os.listdir(out) == []
+    prepare(small_config(inputs[:1], out, tokenizer=tok))  # the re-run needs no --overwrite
+    Manifest.load(out)
