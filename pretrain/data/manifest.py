@@ -7,6 +7,11 @@ The manifest is written last, so a directory without one is an incomplete write.
 
 The trainer reads shards only through this module: `Manifest.load(dir)`, then
 `manifest.split("train").shards[i].url` and `decode_sample(payload, manifest)`.
+
+A manifest is data that people share, so it names each shard only by its path under the dataset
+directory: never a URL, an absolute path, a path out through `..`, or a `pipe:` command (which
+webdataset would run with a shell on every rank). Where shards live, and any command that fetches
+them, come from the user's own config: `data.shards_url` and `data.shards`.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shlex
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -58,8 +64,8 @@ def is_remote(path: str) -> bool:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    path: str  # as written in the manifest: relative to the dataset root, absolute, or a URL
-    url: str  # what to open: absolute local path, or the URL / pipe: command as given
+    path: str  # as written in the manifest: relative to the dataset root
+    url: str  # what to open: the absolute local path, or where data.shards_url / data.shards say
     samples: int
     tokens: int
     bytes: int
@@ -208,11 +214,13 @@ class Manifest:
         """A copy whose shards are opened at `template` with `{path}` replaced by each shard's
         path in the manifest, e.g. "pipe:aws s3 cp s3://bucket/web/{path} -" or
         "/mnt/fast/web/{path}": the manifest and tokenizer stay local, the shards live anywhere
-        webdataset can open. The fingerprint is unchanged (it covers paths, not locations)."""
+        webdataset can open. In a `pipe:` command each path is shell-quoted, so that a shard's
+        name is one word of the command and never runs. The fingerprint is unchanged (it covers
+        paths, not locations)."""
         if "{path}" not in template:
             raise DataError(f"data.shards_url={template!r} must contain {{path}}")
         splits = {name: dataclasses.replace(sp, shards=[
-            dataclasses.replace(sh, url=template.format(path=sh.path)) for sh in sp.shards])
+            dataclasses.replace(sh, url=_shard_url(template, sh.path)) for sh in sp.shards])
             for name, sp in self.split_infos.items()}
         return dataclasses.replace(self, split_infos=splits)
 
@@ -313,6 +321,56 @@ def _require(raw: Any, keys: Tuple[str, ...], where: str) -> None:
         raise DataError(f"{where}: missing keys {missing}; re-run pretrain-data")
 
 
+def _shard_url(template: str, path: str) -> str:
+    """`template` with `{path}` replaced by `path`, shell-quoted where the template is a command."""
+    if not template.startswith("pipe:"):
+        return template.replace("{path}", path)  # opened as a file or by argv, never by a shell
+    quoted = shlex.quote(path)
+    if quoted != path and not _outside_quotes(template, "{path}"):
+        raise DataError(f"data.shards_url={template!r}: {{path}} stands inside quotes or after a "
+                        f"backslash, where the shell-quoted shard path {quoted} would not be one "
+                        "word; write {path} bare (each path is quoted for you), e.g. "
+                        "\"pipe:aws s3 cp 's3://my bucket/web/'{path} -\"")
+    return template.replace("{path}", quoted)
+
+
+def _outside_quotes(command: str, word: str) -> bool:
+    """Whether every `word` in a shell command stands outside quotes and escapes."""
+    quote, i = "", 0
+    while i < len(command):
+        if command.startswith(word, i):
+            if quote:
+                return False
+            i += len(word)
+            continue
+        c = command[i]
+        if c == "\\" and quote != "'":
+            if command.startswith(word, i + 1):
+                return False
+            i += 2  # the escaped character
+            continue
+        if c in "'\"" and quote in ("", c):
+            quote = "" if quote else c
+        i += 1
+    return True
+
+
+def _check_shard_path(path: str, where: str) -> None:
+    """A shard path in a manifest must be a relative path inside the dataset directory."""
+    why = ("a `pipe:` command" if path.startswith("pipe:") else
+           "a URL" if is_remote(path) else
+           "an absolute path" if os.path.isabs(path) else
+           "a path that climbs out with `..`" if ".." in path.split("/") else
+           "empty" if not path.strip("/") else None)
+    if why:
+        raise DataError(f"{where}: shard {path!r} is {why}; a manifest names its shards only by "
+                        "their path under the dataset directory, and commands or locations from "
+                        "a dataset file are never used. To read shards from elsewhere (a URL, a "
+                        "command, another disk), keep the manifest's paths and set data.shards_url "
+                        "(e.g. \"pipe:aws s3 cp s3://bucket/web/{path} -\") or data.shards in your "
+                        "config")
+
+
 def _match_shard(location: str, shards: Sequence[ShardInfo]) -> Optional[int]:
     """The index of the one shard `location` names (see Manifest.select_shards), or None."""
     words = location[len("pipe:"):].split() if location.startswith("pipe:") else [location]
@@ -334,9 +392,9 @@ def _parse_split(name: str, raw: Any, root: str, sample_tokens: int, where: str)
     for i, s in enumerate(raw["shards"]):
         _require(s, _SHARD_KEYS, f"{where} [splits.{name}.shards[{i}]]")
         path = str(s["path"])
-        url = path if is_remote(path) or os.path.isabs(path) else os.path.join(root, path)
-        shard = ShardInfo(path=path, url=url, samples=int(s["samples"]), tokens=int(s["tokens"]),
-                          bytes=int(s["bytes"]), sha256=str(s["sha256"]))
+        _check_shard_path(path, f"{where} [splits.{name}.shards[{i}]]")
+        shard = ShardInfo(path=path, url=os.path.join(root, path), samples=int(s["samples"]),
+                          tokens=int(s["tokens"]), bytes=int(s["bytes"]), sha256=str(s["sha256"]))
         if shard.tokens != shard.samples * sample_tokens:
             raise DataError(f"{where}: shard {path} has tokens={shard.tokens}, expected samples x "
                             f"sample_tokens = {shard.samples * sample_tokens}")

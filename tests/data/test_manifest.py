@@ -2,13 +2,18 @@
 
 import json
 import os
+import re
+import shlex
 import shutil
 import sysconfig
 
 import numpy as np
 import pytest
+import webdataset as wds
 
+from pretrain.config import DataConfig
 from pretrain.data.manifest import (FORMAT, Manifest, compute_fingerprint, decode_sample)
+from pretrain.data.sources import load_sources
 from pretrain.errors import DataError
 from tokenizer import PrepareConfig, prepare
 
@@ -97,19 +102,71 @@ def test_inconsistent_counts_are_refused(ds):
         Manifest.load(ds)
 
 
-def test_remote_and_absolute_shard_paths_are_kept_as_given(ds):
-    def to_remote(raw):
-        shards = raw["splits"]["train"]["shards"]
-        shards[0]["path"] = "pipe:curl -s https://example.com/shard-000000.tar"
-        shards[1]["path"] = "https://example.com/train/shard-000001.tar"
-        shards[2]["path"] = str(ds / shards[2]["path"])
+def set_shard_path(ds, split, i, path):
+    """Give shard `i` another path in the manifest, fingerprint and all, as a crafted file would."""
+    def change(raw):
+        raw["splits"][split]["shards"][i]["path"] = path
         raw["fingerprint"] = compute_fingerprint(
             raw["tokenizer"]["sha256"], raw["seq_len"], raw["dtype"],
             {n: s["shards"] for n, s in raw["splits"].items()})
-    edit(ds, to_remote)
-    urls = Manifest.load(ds).split("train").urls
-    assert urls[0].startswith("pipe:curl") and urls[1].startswith("https://")
-    assert urls[2] == str(ds / "train" / "shard-000002.tar")
+    edit(ds, change)
+
+
+@pytest.mark.parametrize("path, why", [
+    ("pipe:touch {pwned}", "a `pipe:` command"),
+    ("https://example.com/train/shard-000001.tar", "a URL"),
+    ("s3://bucket/web/train/shard-000001.tar", "a URL"),
+    ("{ds}/train/shard-000001.tar", "an absolute path"),
+    ("../other/train/shard-000001.tar", "a path that climbs out"),
+    ("train/../../other/shard-000001.tar", "a path that climbs out"),
+])
+def test_a_manifest_names_no_command_and_no_place_outside_its_directory(ds, tmp_path, path, why):
+    pwned = tmp_path / "pwned"
+    bad = path.format(pwned=pwned, ds=ds)
+    set_shard_path(ds, "train", 1, bad)
+    message = (re.escape(f"{ds / 'manifest.json'} [splits.train.shards[1]]: shard {bad!r} is "
+                         f"{why}") + ".* set data.shards_url")
+    for load in (lambda: Manifest.load(ds), lambda: Manifest.load(ds, check_files=False),
+                 lambda: load_sources(DataConfig(path=str(ds), shards_url="/fast/{path}"))):
+        with pytest.raises(DataError, match=message):
+            load()
+    assert not pwned.exists()
+
+
+def test_shards_url_commands_quote_each_path_so_no_name_runs(ds, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where a command in a name would touch its files
+    odd = "train/a;touch pwned1 $(touch pwned2) `touch pwned3` 'x\" y.tar"
+    want = [row for row in read_samples(Manifest.load(ds).split("train").urls)]
+    bucket = shutil.copytree(ds, tmp_path / "bucket")
+    os.rename(bucket / "train" / "shard-000000.tar", bucket / odd)
+    set_shard_path(ds, "train", 0, odd)
+    (m, _), = load_sources(DataConfig(path=str(ds), shards_url=f"pipe:cat {bucket}/{{path}}"))
+    url = m.split("train").shards[0].url
+    assert url == f"pipe:cat {bucket}/{shlex.quote(odd)}"
+    got = read_samples(m.split("train").urls)  # webdataset runs each command with a shell
+    assert len(got) == len(want) and all((a == b).all() for a, b in zip(got, want))
+    assert sorted(os.listdir(tmp_path)) == ["bucket", "ds"]  # no pwned*
+    https = Manifest.load(ds, check_files=False).with_shard_urls("https://host/web/{path}")
+    assert https.split("train").urls[0] == f"https://host/web/{odd}"  # curl's argv: no shell
+
+
+def test_a_quoted_path_in_a_command_is_refused_where_quoting_is_needed(ds):
+    template = f"pipe:cat '{ds}/{{path}}'"  # a plain name reads the same quoted or not
+    url = Manifest.load(ds).with_shard_urls(template).split("train").urls[0]
+    assert url == f"pipe:cat '{ds}/train/shard-000000.tar'"
+    set_shard_path(ds, "train", 0, "train/it's $(here).tar")
+    m = Manifest.load(ds, check_files=False)
+    for quoted in (template, f'pipe:cat "{ds}/{{path}}"', f"pipe:cat {ds}/\\{{path}}"):
+        with pytest.raises(DataError, match="inside quotes or after a backslash.*{path} bare"):
+            m.with_shard_urls(quoted)
+    bare = m.with_shard_urls(f"pipe:cat '{ds}/'{{path}}").split("train").urls[0]
+    assert shlex.split(bare[len("pipe:"):]) == ["cat", f"{ds}/train/it's $(here).tar"]
+
+
+def read_samples(urls):
+    """Each sample's payload of the shards at `urls`, in order, through webdataset."""
+    return [np.frombuffer(s["tokens"], dtype="<u2")
+            for s in wds.WebDataset(urls, shardshuffle=False)]
 
 
 def test_unknown_split_is_named(ds):
