@@ -1,6 +1,10 @@
 """Every benchmark behind one command, one table of figures and ratios against their peers.
 
-    python -m bench.all [--quick] [--skip step loader ...]     (make bench)
+    python -m bench.all [--quick | --smoke] [--skip step loader ...]     (make bench)
+
+--quick: fewer rounds and smaller inputs (about 3 minutes on 2 cores). --smoke: the test
+shapes and two rounds, to check that every section runs end to end (tests/test_bench.py); its
+figures measure nothing.
 
 Sections (each also runs alone, with its own detailed table: python -m bench.bench_<name>):
   step        CPU training step against Hugging Face GPT-2 (bench_step), two shapes
@@ -22,26 +26,31 @@ import time
 import traceback
 from typing import Callable, Dict, List
 
-from bench.common import machine, table
+from bench.common import machine, quiet, table
 
 HEADERS = ["section", "figure", "ours", "peer / anchor", "ours vs peer", "target"]
 Row = List[object]
+SIZES = ("full", "quick", "smoke")  # what a section is given: how long it may take
 
 
-def step_rows(quick: bool) -> List[Row]:
+def _pick(size: str, full, quick, smoke):
+    return {"full": full, "quick": quick, "smoke": smoke}[size]
+
+
+def step_rows(size: str) -> List[Row]:
     from bench import bench_step as bs
 
     rows: List[Row] = []
-    rounds = 3 if quick else 7
-    for name in ("baby", "mini"):
+    for name in _pick(size, ("baby", "mini"), ("baby", "mini"), ("test",)):
         shape = bs.SHAPES[name]
         # The main shape also runs ZeRO 0: what one rank gains without ZeRO-1's flat buffers.
         only = [*bs.variants(False), bs.ZERO0] if name == "baby" else None
-        res = bs.run(shape, threads=1, rounds=rounds, repeat=1 if quick else 2,
-                     ablate=only is not None, only=only)
+        res = bs.run(shape, threads=1, rounds=_pick(size, 7, 3, 2),
+                     repeat=_pick(size, 2, 1, 1), ablate=only is not None, only=only)
         t = res.timings
         rate = {k: round(v.rate(shape.tokens)) for k, v in t.items()}
-        label = f"step {name} ({shape.layers}x{shape.hidden}, V={shape.vocab // 1024}K)"
+        vocab = f"{shape.vocab // 1024}K" if shape.vocab >= 1024 else shape.vocab
+        label = f"step {name} ({shape.layers}x{shape.hidden}, V={vocab})"
         ours, peer = bs.OURS, bs.HF_DEFAULT
         rows.append([label, "tokens/s, each in its default config", rate[ours], rate[peer],
                      str(res.ratio(ours)), ">= 1.4x"])
@@ -57,7 +66,7 @@ def step_rows(quick: bool) -> List[Row]:
     return rows
 
 
-def throughput_rows(quick: bool) -> List[Row]:
+def throughput_rows(size: str) -> List[Row]:
     import torch
 
     from bench import bench_throughput as bt
@@ -77,11 +86,12 @@ def throughput_rows(quick: bool) -> List[Row]:
     return rows
 
 
-def loader_rows(quick: bool) -> List[Row]:
+def loader_rows(size: str) -> List[Row]:
     from bench import bench_loader as bl
 
-    res = bl.run(shards=2 if quick else 4, shard_mb=32 if quick else 64,
-                 rounds=3 if quick else 5)
+    small = dict(seq_len=64, micro=4, window=2, resume_reps=1) if size == "smoke" else {}
+    res = bl.run(shards=_pick(size, 4, 2, 2), shard_mb=_pick(size, 64, 32, 0.5),
+                 rounds=_pick(size, 5, 3, 2), **small)
     rows: List[Row] = []
     peer_rate = res.rate(bl.PEER) / 1e6
     for name in res.timings:
@@ -95,11 +105,11 @@ def loader_rows(quick: bool) -> List[Row]:
     return rows
 
 
-def checkpoint_rows(quick: bool) -> List[Row]:
+def checkpoint_rows(size: str) -> List[Row]:
     from bench import bench_checkpoint as bc
     from bench.bench_step import SHAPES
 
-    res = bc.run(SHAPES["baby"], rounds=3 if quick else 9)
+    res = bc.run(SHAPES[_pick(size, "baby", "baby", "test")], rounds=_pick(size, 9, 3, 2))
     ours = res.timings["ours"]
     rows: List[Row] = []
     for peer, target in zip(bc.PEERS, ("<= 1.1x", "")):
@@ -116,7 +126,7 @@ def checkpoint_rows(quick: bool) -> List[Row]:
     return rows
 
 
-def tokenizer_rows(quick: bool) -> List[Row]:
+def tokenizer_rows(size: str) -> List[Row]:
     """bench_tokenizer's own variants, corpus and timing, in its interleaved order."""
     import os
     import shutil
@@ -126,7 +136,8 @@ def tokenizer_rows(quick: bool) -> List[Row]:
     from tokenizer.corpus import read_documents
 
     # 32 MB: enough that starting the workers and loading the tokenizer stop mattering
-    mb, reps, vocab, seq_len = (2.0, 2, 8192, 2048) if quick else (32.0, 3, 8192, 2048)
+    mb, reps, vocab, seq_len = _pick(size, (32.0, 3, 8192, 2048), (2.0, 2, 8192, 2048),
+                                     (0.3, 2, 300, 64))
     work = tempfile.mkdtemp(prefix="bench_all_tokenizer_")
     try:
         corpus = os.path.join(work, "corpus")
@@ -170,12 +181,28 @@ def tokenizer_rows(quick: bool) -> List[Row]:
     return rows
 
 
+# The order of the table; each entry takes one of SIZES and returns its rows.
+SECTIONS: Dict[str, Callable[[str], List[Row]]] = {
+    "step": step_rows,
+    "throughput": throughput_rows,
+    "loader": loader_rows,
+    "checkpoint": checkpoint_rows,
+    "tokenizer": tokenizer_rows,
+}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer rounds and smaller inputs")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="fewer rounds and smaller inputs")
+    size.add_argument("--smoke", action="store_true",
+                      help="test shapes, two rounds: checks that every section runs, "
+                           "measures nothing")
     p.add_argument("--skip", nargs="*", default=[], choices=list(SECTIONS))
     p.add_argument("--only", nargs="*", choices=list(SECTIONS))
     args = p.parse_args(argv)
+    size = "smoke" if args.smoke else "quick" if args.quick else "full"
+    quiet()  # before any section imports megatron-core
     rows: List[Row] = []
     t0 = time.perf_counter()
     for name, fn in SECTIONS.items():
@@ -183,12 +210,12 @@ def main(argv=None) -> None:
             continue
         t = time.perf_counter()
         try:
-            rows += fn(args.quick)
+            rows += fn(size)
         except Exception as e:  # one broken section must not hide the others' figures
             traceback.print_exc()
             rows.append([name, "FAILED", f"{type(e).__name__}: {e}"[:80], "", "", ""])
         print(f"[bench.all] {name}: {time.perf_counter() - t:.0f} s", flush=True)
-    print(table(HEADERS, rows, title=f"bench.all ({'quick' if args.quick else 'full'}, "
+    print(table(HEADERS, rows, title=f"bench.all ({size}, "
                                      f"{time.perf_counter() - t0:.0f} s); ratios are median "
                                      f"[min-max] of interleaved rounds; {machine()}"))
 

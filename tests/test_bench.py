@@ -123,3 +123,28 @@ def test_tokenizer_bench_compares_every_variant_round_by_round(capsys):
                  "pretrain-data, tokenizers engine"):
         assert f"| {name}" in out
     assert "per core vs tiktoken (CPU, paired by round)" in out and "nan" not in out
+
+
+@pytest.mark.slow
+def test_bench_all_runs_every_section_end_to_end():
+    """`make bench`'s command, in a fresh process at its smallest size: every section's rows,
+    each with its ratio against the peer, in one table."""
+    import re
+    import subprocess
+    import sys
+
+    from bench.all import SECTIONS
+    from tests.launch_helpers import REPO, cpu_env
+
+    proc = subprocess.run([sys.executable, "-m", "bench.all", "--smoke"], cwd=REPO,
+                          env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout
+    assert "bench.all (smoke, " in out and "FAILED" not in out, out[-4000:]
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")]
+    cells = {name: [r for r in rows if r[0].strip().split(" ")[0] == name] for name in SECTIONS}
+    assert all(cells.values()), cells  # every section put rows in the table
+    ratio = re.compile(r"^\d+\.\d\dx")
+    for name in ("step", "loader", "checkpoint", "tokenizer"):  # throughput has no peer on CPU
+        assert any(ratio.match(r[4].strip()) for r in cells[name]), (name, cells[name])
+    assert not any(re.search(r"\b(nan|inf)\b", c) for r in rows for c in r), out[-4000:]
