@@ -135,7 +135,11 @@ def cpu_dist(seed: int = 1234):
 
 
 def quiet() -> None:
-    """DeepSpeed's and transformers' info logging off: the table is the output."""
+    """DeepSpeed's and transformers' info logging off, and the libraries' expected warnings (as
+    pretrain-train filters them): the table is the output."""
+    from pretrain.model.fallbacks import silence_library_warnings
+
+    silence_library_warnings()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     try:

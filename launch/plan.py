@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 from typing import List, Optional
 
 from launch.config import compose_config, fail
 from pretrain.errors import PretrainError
+from pretrain.model.fallbacks import silence_library_warnings
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -21,9 +21,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for pretrain-train")
     args = parser.parse_args(argv)
-    with warnings.catch_warnings():  # megatron-core's import-time notes about apex/TE
-        warnings.simplefilter("ignore")
-        from pretrain.plan import make_plan, render
+    silence_library_warnings()  # megatron-core's import-time notes about apex/TE
+    from pretrain.plan import make_plan, render
 
     try:
         plan = make_plan(compose_config(args.overrides))

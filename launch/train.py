@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 
 from launch.config import check_overrides, fail, register, to_config
 from pretrain.errors import PretrainError
+from pretrain.model.fallbacks import silence_library_warnings
 
 
 class RequeueError(PretrainError, RuntimeError):
@@ -34,6 +35,8 @@ class RequeueError(PretrainError, RuntimeError):
 
 @hydra.main(config_path="pkg://hydra_conf", config_name="config", version_base=None)
 def _app(cfg: DictConfig) -> int:
+    # Here, not in main: a Slurm task under submitit runs _app alone. Before megatron-core's import.
+    silence_library_warnings()
     from pretrain.run import train
 
     hydra_cfg = HydraConfig.get()

@@ -20,6 +20,7 @@ from pretrain.data.loader import StreamSpec, make_loader
 from pretrain.data.sources import Sources, fingerprint
 from pretrain.dist import Dist
 from pretrain.engine import build_engine
+from pretrain.model.fallbacks import log_fallbacks
 from pretrain.model.gpt import GPT, count_parameters
 from pretrain.model.flops import flops_per_token, peak_flops
 from pretrain import reshard
@@ -62,6 +63,7 @@ def build_run(cfg: Config, dist: Dist, sources: Sources, run_layout: reshard.Lay
     manifest = sources[0][0]
     layout = cfg.layout(dist.world_size)
     padded = run_layout.padded_vocab_size
+    log_fallbacks(cfg.model.normalization, dist.device_type)
     model = GPT(cfg.model, padded, dist.tp, dist.device_type).to(dist.device)
     n_params = count_parameters(model)
     if cfg.trainer.compile:

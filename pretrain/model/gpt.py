@@ -75,6 +75,7 @@ def transformer_config(cfg: ModelConfig, tp: int, device_type: str) -> Transform
         perform_initialization=True,
         init_method_std=cfg.init_std,
         params_dtype=torch.float32,
+        cuda_graph_scope=[],  # no CUDA graphs; megatron's default "full" is deprecated and warns
         **recompute,
     )
 
