@@ -105,21 +105,32 @@ class Trainer:
 
     def fit(self) -> TrainState:
         self._call("on_train_start")
-        self.restart_data()
-        while self.state.step < self.max_steps and self.stop_reason is None:
-            out = self.train_step()
-            self.state.step += 1
-            self.state.skipped_steps += out.skipped is not None
-            self.state.consumed_samples += out.samples
-            self.state.tokens_seen += out.tokens
-            self.state.epoch_seconds += out.step_seconds
-            self._call("on_step_end", out)
-        self._call("on_train_end")
+        try:
+            self.restart_data()
+            while self.state.step < self.max_steps and self.stop_reason is None:
+                out = self.train_step()
+                self.state.step += 1
+                self.state.skipped_steps += out.skipped is not None
+                self.state.consumed_samples += out.samples
+                self.state.tokens_seen += out.tokens
+                self.state.epoch_seconds += out.step_seconds
+                self._call("on_step_end", out)
+            self._call("on_train_end")
+        finally:
+            self.close_data()  # the data workers are ours to end, whatever happened
         return self.state
 
     def restart_data(self) -> None:
         """Read batches from state.consumed_samples on (at the start, and after a rollback)."""
+        self.close_data()
         self._batches = iter(self.make_batches(self.state.consumed_samples))
+
+    def close_data(self) -> None:
+        """End the batch iterator's workers, if it has any (pretrain.data.loader.Batches)."""
+        batches, self._batches = self._batches, None
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
 
     def train_step(self) -> StepOutput:
         """One optimizer step: grad_accum micro-batches through the DeepSpeed engine."""

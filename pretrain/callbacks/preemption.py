@@ -10,8 +10,12 @@ Which signal tells what comes next (`wants_requeue`):
                       launcher's `--signal=USR2@signal_delay_s`, sent to every task). Whoever
                       started the step requeues the job after the exit (slurm/lib.sh, or
                       launch/train.py under hydra/launcher=slurm).
-    SIGTERM           "save and go": scancel, the time limit itself, or a preemption, after
-                      which Slurm itself requeues the job when the cluster is set up to.
+    SIGTERM, SIGINT   "save and go": scancel, the time limit itself, a preemption, `scontrol
+                      requeue`, a node drain (after which Slurm itself requeues the job when the
+                      cluster is set up to), or Ctrl-C in a terminal.
+Slurm signals every process of the step, DataLoader workers included: the workers ignore the stop
+signals (pretrain.data.loader), the trainer saves and then ends them. A signal to any one process
+of any one rank is enough: the ranks agree at the end of every step.
 A signal may come more than once (torchrun forwarding what Slurm also sent, a second scancel):
 the flag only remembers the strongest one, and once the stop is under way the signals are ignored
 until the process exits, so that no rank dies by a signal between its save and its exit code 3.
@@ -29,7 +33,9 @@ from pretrain.trainer import Callback, StepOutput, Trainer
 log = logging.getLogger("pretrain")
 
 EXIT_REQUEUE = 3
-SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+# Weakest first: the ranks agree on the strongest signal any of them got (a cancel after a warning
+# is a cancel), by its position here.
+SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT, signal.SIGTERM)
 REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 _REASON = "signal "  # stop_reason = "signal SIGUSR1"; pretrain.run maps it to EXIT_REQUEUE
 
@@ -45,12 +51,11 @@ class PreemptionCallback(Callback):
     name = "preemption"
 
     def __init__(self):
-        self.received = 0  # the signal number that asks to stop, 0 when none came
+        self.received = 0  # 1 + the position in SIGNALS of the strongest signal received, 0: none
         self._previous = {}
 
     def _handler(self, signum, frame) -> None:
-        # SIGTERM (15) outranks the USR signals (10, 12): a cancel after a warning is a cancel.
-        self.received = max(self.received, signum)
+        self.received = max(self.received, 1 + SIGNALS.index(signum))
 
     def on_train_start(self, trainer: Trainer) -> None:
         for sig in SIGNALS:
@@ -60,7 +65,7 @@ class PreemptionCallback(Callback):
         agreed = int(trainer.dist.all_reduce_max(float(self.received)))
         if not agreed or trainer.stop_reason is not None:
             return
-        name = signal.Signals(agreed).name
+        name = SIGNALS[agreed - 1].name
         if trainer.state.step >= trainer.max_steps:
             if trainer.dist.is_main:
                 log.info("%s received at the last step: the run is complete", name)

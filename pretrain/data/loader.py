@@ -11,12 +11,21 @@ window / (dp x workers)): a local shard in pretrain-data's layout by offset, onl
 webdataset's tar reader. A shard that cannot be read is
 skipped with a warning and counted; its samples are replaced by other samples of the same
 window (deterministically), and more than `max_bad_shards` such shards is a DataError.
+
+DataLoader workers ignore the stop signals (SIGINT, SIGTERM, SIGUSR1, SIGUSR2). Slurm signals every
+process of a job step on preemption, requeue, scancel or a node drain; a worker that died of it
+would make PyTorch raise in the trainer inside whatever collective it is in, before any rank
+could save. The trainer decides the stop (pretrain.callbacks.preemption) and ends its workers
+with `Batches.close()`; one that does not leave in time is killed.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import signal
+import weakref
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -218,12 +227,77 @@ def read_by_offset(info: ShardInfo, want: Dict[int, int],
     return out
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+_WORKER_EXIT_S = 10.0  # how long close() waits for a worker to finish its fetch before SIGKILL
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """worker_init_fn: the trainer, not a data worker, reacts to a stop signal (module doc).
+    Between the fork and this call a worker runs the trainer's inherited Python handlers, which
+    only set a flag in the worker's own memory."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class Batches:
+    """An iterator over a loader's micro-batches that its owner ends with close(). Workers that
+    ignore SIGTERM outlive `Process.terminate()`, which is how PyTorch ends them otherwise, and
+    PyTorch does nothing at interpreter exit: so close() is called by the trainer, and by an
+    atexit hook for any iterator still open."""
+
+    _open: "weakref.WeakSet[Batches]" = weakref.WeakSet()
+
+    def __init__(self, it: Iterator[torch.Tensor]):
+        self._it: Optional[Iterator[torch.Tensor]] = it
+        Batches._open.add(self)
+
+    def __iter__(self) -> "Batches":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._it is None:
+            raise StopIteration
+        return next(self._it)
+
+    def close(self) -> None:
+        """End the workers: PyTorch's own shutdown (done event, then a None to each worker, which
+        leaves once its current fetch is done), then SIGKILL for any still there."""
+        it, self._it = self._it, None
+        Batches._open.discard(self)
+        workers = list(getattr(it, "_workers", ()))
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()  # waits up to 5 s per busy worker, then its SIGTERM is ignored
+        for w in workers:
+            w.join(timeout=_WORKER_EXIT_S)
+            if w.is_alive():
+                log.warning("data worker %d did not exit in %.0fs: killing it", w.pid, _WORKER_EXIT_S)
+                w.kill()
+                w.join(timeout=_WORKER_EXIT_S)
+
+
+@atexit.register
+def _close_open_batches() -> None:
+    # Registered after torch's own exit hook, so this runs first, while PyTorch can still shut
+    # its workers down (its hook turns _shutdown_workers into a no-op).
+    for batches in list(Batches._open):
+        batches.close()
+
+
+class ShardLoader(DataLoader):
+    """A DataLoader whose iterators are `Batches` and whose workers ignore the stop signals."""
+
+    def __iter__(self) -> Batches:
+        return Batches(super().__iter__())
+
+
 def make_loader(spec: StreamSpec, num_workers: int, pin_memory: bool = False,
-                prefetch_factor: int = 4, limit: Optional[int] = None) -> DataLoader:
+                prefetch_factor: int = 4, limit: Optional[int] = None) -> ShardLoader:
     stream = ShardStream(spec, limit=limit)
-    kwargs = dict(prefetch_factor=prefetch_factor, persistent_workers=False) if num_workers else {}
+    kwargs = dict(prefetch_factor=prefetch_factor, persistent_workers=False,
+                  worker_init_fn=_ignore_stop_signals) if num_workers else {}
     # A private generator: creating the iterator draws a seed from it, and drawing from the global
     # one would shift the training RNG (dropout) depending on when the loader was made.
     generator = torch.Generator().manual_seed(spec.seed)
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      generator=generator, **kwargs)
+    return ShardLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                       generator=generator, **kwargs)
