@@ -22,6 +22,7 @@ from pretrain.data.manifest import Manifest
 from pretrain.data.sources import fingerprint, load_sources
 from pretrain.dist import Dist
 from pretrain.errors import CheckpointError, ConfigError, DataError
+from pretrain.rundir import RunDirBusy, RunDirLock, check_writable
 
 log = logging.getLogger("pretrain")
 
@@ -124,19 +125,21 @@ def train(cfg: Config, env: Optional[Dict[str, str]] = None) -> RunResult:
         check_resumable(cfg, saved_cfg, manifest, data_fp, saved_data)
         saved_layout = reshard.read_layout(resume_path, saved_cfg, vocab)
     run_layout = reshard.current_layout(cfg, dist, vocab, saved_layout)
+    check_writable(run_dir)
 
     # ---- from here on, process groups exist --------------------------------------------------
     dist.initialize(seed=cfg.trainer.seed)
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        clean_stale(ckpt_root)
-        _write_yaml(run_dir / "config.yaml", cfg.to_dict())
-        _write_yaml(run_dir / "data.yaml", {"path": str(manifest.root),
-                                            "blend": [[str(m.root), w] for m, w in sources],
-                                            "fingerprint": data_fp,
-                                            "tokenizer_sha256": manifest.tokenizer_sha256})
-    dist.barrier()
+    lock = RunDirLock(run_dir) if dist.is_main else None
     try:
+        _take(lock, dist)  # before this job writes anything there
+        if dist.is_main:
+            clean_stale(ckpt_root)
+            _write_yaml(run_dir / "config.yaml", cfg.to_dict())
+            _write_yaml(run_dir / "data.yaml", {"path": str(manifest.root),
+                                                "blend": [[str(m.root), w] for m, w in sources],
+                                                "fingerprint": data_fp,
+                                                "tokenizer_sha256": manifest.tokenizer_sha256})
+        dist.barrier()
         if resume_path is not None:  # saved at another layout: its universal form, made once
             resume_path = reshard.prepare(resume_path, saved_layout, run_layout, dist)
         run = build_run(cfg, dist, sources, run_layout, run_dir,
@@ -159,7 +162,22 @@ def train(cfg: Config, env: Optional[Dict[str, str]] = None) -> RunResult:
         code = EXIT_REQUEUE if stop and stop.startswith("signal") else 0
         return RunResult(state.state_dict(), stop, run_dir, code)
     finally:
+        if lock is not None:
+            lock.release()
         dist.shutdown()
+
+
+def _take(lock: Optional[RunDirLock], dist: Dist) -> None:
+    """Rank 0 takes the run directory's lock; every rank learns whether it did."""
+    refused = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except RunDirBusy as e:
+            refused = str(e)
+    refused = dist.broadcast_object(refused)
+    if refused is not None:
+        raise RunDirBusy(refused)
 
 
 def _write_yaml(path: Path, data: Dict[str, Any]) -> None:
