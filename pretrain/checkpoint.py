@@ -8,27 +8,37 @@ Layout of `RUN_DIR/checkpoints/`:
     step_00000100.universal/  its DeepSpeed universal form, made when a resume runs at another
                               parallel layout (pretrain.reshard); removed with step_00000100/
 
-A save writes into `<name>.tmp`; after every rank has finished (barrier), rank 0 writes FILES
-(every file's size), the COMMITTED marker, renames the directory to `<name>` and replaces
-`latest`. A crash at any point leaves the previous checkpoint as latest and loadable.
+A save writes into `<name>.tmp`; after every rank has finished, rank 0 writes FILES (every
+file's size), the COMMITTED marker, renames the directory to `<name>` and replaces `latest`. A
+crash at any point leaves the previous checkpoint as latest and loadable. A failure on any rank,
+in the writes or in rank 0's commit, is agreed on (an all-reduce, then the failing rank's words
+broadcast) and ends every rank with the same CheckpointError, a full disk saying so.
 
 A committed checkpoint whose files no longer match FILES (truncated or lost later, e.g. by a full
-disk or a bad copy) is damaged: resuming from the latest one falls back, with a warning, to the
-newest intact checkpoint; naming a damaged one in trainer.resume_from is a CheckpointError.
-The check reads sizes only, before any process group starts, so every rank picks the same one.
+disk or a bad copy), or whose FILES, layout.json or trainer.json is not what a save writes, is
+damaged: resuming from the latest one falls back, with a warning, to the newest intact checkpoint;
+naming a damaged one in trainer.resume_from is a CheckpointError. The check reads sizes and those
+small files only, before any process group starts, so every rank picks the same one. `latest` is
+followed only when it names a step_XXXXXXXX directory of checkpoints/.
+
+Nothing is unpickled beyond tensors, containers and primitives plus the few DeepSpeed classes its
+files hold (torch's weights-only loading, `safe_load`): a planted `.pt` whose unpickling would run
+code is a CheckpointError naming the file, on resume, reshard (pretrain.reshard) and export.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
-from pathlib import Path
-from typing import Any, Dict, List, Optional
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -41,7 +51,11 @@ log = logging.getLogger(__name__)
 MARKER = "COMMITTED"
 FILES = "FILES"  # JSON {relative path: size in bytes} of every file of the checkpoint
 LAYOUT = "layout.json"  # the parallel layout it was saved at (pretrain.reshard.Layout)
-_NAME = re.compile(r"^step_(\d{8})$")
+TRAINER = "trainer.json"  # the trainer's state for people and tools (the engine keeps its own)
+_NAME = re.compile(r"step_([0-9]{8})")  # fullmatch: nothing else is a checkpoint's name
+# Below this many free bytes a failed torch.save is taken for a full disk: its partial file is
+# still there when the failure is looked at, so a disk that filled up shows (nearly) nothing free.
+LOW_SPACE = 64 * 2**20
 
 
 def step_name(step: int) -> str:
@@ -50,23 +64,27 @@ def step_name(step: int) -> str:
 
 def _fsync_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".part")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # e.g. a full disk: leave nothing half-written behind
+        raise
 
 
 def committed(root: Path) -> List[Path]:
     """Committed checkpoints under root, oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if _NAME.match(p.name) and (p / MARKER).exists()]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+    found = [p for p in root.iterdir() if _NAME.fullmatch(p.name) and (p / MARKER).exists()]
+    return sorted(found, key=step_of)
 
 
 def step_of(path: Path) -> int:
-    return int(_NAME.match(Path(path).name).group(1))
+    return int(_NAME.fullmatch(Path(path).name).group(1))
 
 
 UNIVERSAL = ".universal"
@@ -88,32 +106,82 @@ def file_sizes(path: Path) -> Dict[str, int]:
     return sizes
 
 
+def read_json(path: Path) -> Dict[str, Any]:
+    """One of a checkpoint's JSON object files; CheckpointError for anything else (garbage)."""
+    try:
+        value = json.loads(Path(path).read_bytes())
+    except ValueError as e:  # invalid JSON, or bytes that are not text at all
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def _listing(path: Path) -> Dict[str, int]:
+    """FILES: {relative path inside the checkpoint: size}, checked to be just that."""
+    sizes = read_json(path / FILES)
+    for name, size in sizes.items():
+        parts = PurePosixPath(name).parts
+        inside = bool(parts) and parts[0] != "/" and ".." not in parts
+        if not (inside and type(size) is int and size >= 0):
+            raise CheckpointError(f"{path / FILES} is not a listing of the checkpoint's files and "
+                                  f"sizes (it holds {name!r}: {size!r})")
+    return sizes
+
+
 def damaged(path: Path) -> Optional[str]:
     """What is wrong with a committed checkpoint's files, or None if they are as saved."""
-    listing = Path(path) / FILES
-    if not listing.exists():
-        return None  # saved before FILES existed: nothing to check against
-    for name, size in json.loads(listing.read_text()).items():
-        try:
-            actual = (Path(path) / name).stat().st_size
-        except FileNotFoundError:
-            return f"{name} is missing"
-        if actual != size:
-            return f"{name} has {actual} bytes, {size} were saved"
+    path = Path(path)
+    try:
+        if (path / FILES).exists():  # saved before FILES existed: no sizes to check against
+            for name, size in _listing(path).items():
+                try:
+                    actual = (path / name).stat().st_size
+                except FileNotFoundError:
+                    return f"{name} is missing"
+                if actual != size:
+                    return f"{name} has {actual} bytes, {size} were saved"
+        if (path / TRAINER).exists():
+            read_json(path / TRAINER)
+        if (path / LAYOUT).exists():
+            from pretrain.reshard import Layout  # reshard imports this module
+
+            Layout.from_file(path / LAYOUT)
+    except CheckpointError as e:
+        return str(e)
     return None
+
+
+def _pointed(root: Path) -> Optional[Path]:
+    """The checkpoint `latest` names, when it names a step_XXXXXXXX directory of root. Anything
+    else (a path out of the run, e.g. ../../other/checkpoints/step_N, or junk) is ignored, with a
+    warning: resuming another run's checkpoint must be asked for (trainer.resume_from)."""
+    pointer = root / "latest"
+    try:
+        name = pointer.read_bytes().decode("utf-8", "replace").strip()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        log.warning("cannot read the checkpoint pointer %s (%s); scanning %s", pointer, e, root)
+        return None
+    if not _NAME.fullmatch(name):
+        log.warning("checkpoint pointer %s holds %r, not the name of a step_XXXXXXXX directory of "
+                    "%s: ignoring it and scanning", pointer, name[:200], root)
+        return None
+    return root / name
 
 
 def find_latest(root: Path) -> Optional[Path]:
     """The newest intact committed checkpoint: the `latest` pointer's, else the newest one found.
     Damaged ones are passed over with a warning."""
-    pointer = root / "latest"
     candidates = committed(root)[::-1]
-    if pointer.exists():
-        named = root / pointer.read_text().strip()
+    named = _pointed(root)
+    if named is not None:
         if (named / MARKER).exists():
             candidates.insert(0, named)
         else:
-            log.warning("checkpoint pointer %s names %s, which is not committed; scanning", pointer, named)
+            log.warning("checkpoint pointer %s names %s, which is not committed; scanning",
+                        root / "latest", named)
     for candidate in candidates:
         problem = damaged(candidate)
         if problem is None:
@@ -128,18 +196,87 @@ def clean_stale(root: Path) -> None:
     if not root.is_dir():
         return
     for p in root.iterdir():
-        if p.name.endswith(".tmp") or (p.is_dir() and _NAME.match(p.name) and not (p / MARKER).exists()):
+        uncommitted = p.is_dir() and _NAME.fullmatch(p.name) and not (p / MARKER).exists()
+        if p.name.endswith(".tmp") or uncommitted:
             log.warning("removing incomplete checkpoint %s", p)
             shutil.rmtree(p, ignore_errors=True)
         elif p.name.endswith(UNIVERSAL) and not (root / p.name[:-len(UNIVERSAL)] / MARKER).exists():
             shutil.rmtree(p, ignore_errors=True)
 
 
+# ---- reading .pt files: tensors, never code --------------------------------------------------
+def _deepspeed_classes() -> List[type]:
+    """What DeepSpeed 0.19.8's checkpoint files hold besides tensors, containers and primitives,
+    as torch.serialization.get_unsafe_globals_in_checkpoint lists it for saves at ZeRO 0-3, fp32
+    and bf16, and their universal forms: the loss scaler, the ZeRO stage, fragment addresses.
+    DynamicLossScaler is fp16's (GPU only): from DeepSpeed's code, not seen. Another DeepSpeed
+    version may save more: its files are refused, naming the class, until it is listed here."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _numpy_array_classes() -> List[Any]:
+    """What numpy arrays of numbers need: RNG files written before their state was tensors."""
+    reconstruct = np.zeros(1).__reduce__()[0]  # numpy's _reconstruct
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), reconstruct]
+
+
+def _load_weights_only(load: Callable, f, map_location, mmap, classes: Sequence[Any]):
+    """load(f) (torch.load or a stand-in for it) with torch's weights-only unpickler, which builds
+    tensors, containers, primitives and `classes` only; anything else is a CheckpointError naming
+    the file and what it asked for."""
+    try:
+        with torch.serialization.safe_globals(list(classes)):
+            return load(f, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        asked = re.search(r"(GLOBAL \S+)|(Unsupported operand \d+)|got (<class '[^']+'>)", str(e))
+        what = next(g for g in asked.groups() if g) if asked else "an object it cannot build"
+        name = getattr(f, "name", f)
+        raise CheckpointError(
+            f"{name}: refused to unpickle {what}: checkpoint files hold tensors, containers and "
+            f"the few classes DeepSpeed 0.19.8 saves, nothing that runs code when loaded. This one "
+            f"was not written by this trainer, or by another DeepSpeed version (pretrain."
+            f"checkpoint._deepspeed_classes lists what is allowed); restore the checkpoint from a "
+            f"trusted copy or resume from another one (trainer.resume_from)") from None
+
+
+def safe_load(path, map_location="cpu", classes: Optional[Sequence[Any]] = None, mmap=None):
+    """torch.load for checkpoint files: weights only, plus DeepSpeed's classes (or `classes`)."""
+    return _load_weights_only(torch.serialization.load, path, map_location, mmap,
+                              _deepspeed_classes() if classes is None else classes)
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Inside, every torch.load is a safe_load. DeepSpeed 0.19.8 unpickles everything with
+    torch.load(..., weights_only=False): its checkpoint engine (load_checkpoint, also universal
+    and ZeRO-3 loads), ds_to_universal and zero_to_fp32 all look `torch.load` up when they call it,
+    so replacing that one attribute for the duration covers them. For the main thread of a load
+    (another thread's torch.load inside would be weights-only too)."""
+    previous = torch.load
+    classes = _deepspeed_classes()
+
+    def load(f, map_location=None, *args, mmap=None, **kwargs):  # weights_only etc.: overridden
+        return _load_weights_only(previous, f, map_location, mmap, classes)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = previous
+
+
+# ---- RNG state ---------------------------------------------------------------------------------
 def rng_state() -> Dict[str, Any]:
+    """Every generator's state as tensors, lists and primitives (loadable weights-only)."""
     from megatron.core import tensor_parallel
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state(),
+    numpy_state = np.random.get_state(legacy=False)  # {bit_generator, state: {key, pos}, ...}
+    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
              "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -150,7 +287,11 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     from megatron.core import tensor_parallel
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):  # else the tuple of numpy's legacy form (older checkpoints)
+        key = np.asarray(numpy_state["state"]["key"], dtype=np.uint32)
+        numpy_state = {**numpy_state, "state": {**numpy_state["state"], "key": key}}
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
@@ -164,6 +305,7 @@ def reseed_value(seed: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, step]).generate_state(1)[0] % 2**31)
 
 
+# ---- around DeepSpeed's save and load ----------------------------------------------------------
 def _repair_optimizer(optimizer: torch.optim.Optimizer, decay: List[float]) -> None:
     """Undo two faults of DeepSpeed 0.19.8's ZeRO-3 universal load (harmless elsewhere): it gives
     every param group group 0's hyperparameters (biases and norms would be decayed), and one
@@ -174,6 +316,21 @@ def _repair_optimizer(optimizer: torch.optim.Optimizer, decay: List[float]) -> N
     for state in optimizer.state.values():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
+
+
+@contextlib.contextmanager
+def _patched(obj, name: str, value):
+    """obj.name = value for the duration, as an instance attribute; then the class's attribute
+    again (or the instance attribute DeepSpeed had set itself)."""
+    own = vars(obj).get(name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        if own is None:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, own)
 
 
 @contextlib.contextmanager
@@ -201,16 +358,62 @@ def _model_file_read_once(engine, reuse: bool):
             first[str(path)] = sd
         return sd
 
-    own = vars(ce).get("load")  # an instance attribute, if DeepSpeed ever sets one
-    ce.load = load
-    try:
-        yield
-    finally:
-        if own is None:
-            del ce.load  # the class's method again
-        else:
-            ce.load = own
-        first.clear()
+    with _patched(ce, "load", load):
+        try:
+            yield
+        finally:
+            first.clear()
+
+
+def _save_engine(engine, root: Path, tag: str, client_state: Dict[str, Any]) -> None:
+    """engine.save_checkpoint, where a write that fails on one rank strands no other: DeepSpeed
+    0.19.8's save ends in a barrier, which a rank whose write raised (a full disk) would skip,
+    leaving the others in it until the collective timeout. Its checkpoint engine's writes and rank
+    0's copy of its recovery scripts record their failure instead, the save runs on to its
+    barrier, and the first failure is raised after."""
+    failures: List[BaseException] = []
+
+    def deferred(write: Callable) -> Callable:
+        def call(*args, **kwargs):
+            try:
+                return write(*args, **kwargs)
+            except Exception as e:
+                failures.append(e)
+        return call
+
+    ce = engine.checkpoint_engine
+    with _patched(ce, "save", deferred(ce.save)), \
+            _patched(engine, "_copy_recovery_script", deferred(engine._copy_recovery_script)):
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    if failures:
+        raise failures[0]
+
+
+# ---- failures, in words --------------------------------------------------------------------------
+def _free_bytes(path: Path) -> Optional[int]:
+    for where in (Path(path), *Path(path).parents):
+        try:
+            return shutil.disk_usage(where).free
+        except OSError:
+            continue
+    return None
+
+
+def _describe(error: BaseException, where: Path) -> str:
+    """A failure to write under `where` in words: a full disk (ENOSPC, or torch's writer failing
+    with almost nothing left: it reports no errno) says so, with the bytes free."""
+    free = _free_bytes(where)
+    low = free is not None and free < LOW_SPACE
+    chain = [error]
+    while (cause := chain[-1].__cause__ or chain[-1].__context__) and cause not in chain:
+        chain.append(cause)
+    torch_writer = ("unexpected pos", "PytorchStreamWriter failed")
+    if not any(getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+               or (low and any(m in str(e) for m in torch_writer)) for e in chain):
+        return str(error) or type(error).__name__
+    left = "unknown" if free is None else f"{free:,}"
+    return (f"no space left on the device of {where} ({left} bytes free): free some space there "
+            f"(or lower trainer.keep_last) and run the same command again")
 
 
 class Checkpointer:
@@ -222,10 +425,10 @@ class Checkpointer:
 
     def save(self, engine, step: int, client_state: Dict[str, Any],
              extra_files: Optional[Dict[str, Path]] = None) -> Path:
-        """Collective: every rank calls it. Returns the committed directory."""
+        """Collective: every rank calls it. Returns the committed directory; a failure on any rank
+        is a CheckpointError on every rank."""
         name = step_name(step)
-        tmp_tag = name + ".tmp"
-        tmp = self.root / tmp_tag
+        tmp = self.root / (name + ".tmp")
         final = self.root / name
         if self.dist.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -233,40 +436,69 @@ class Checkpointer:
         self.dist.barrier()
         error: Optional[BaseException] = None
         try:
-            engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state,
-                                   save_latest=False)
+            _save_engine(engine, self.root, tmp.name, client_state)
             torch.save(rng_state(), tmp / f"rng_rank{self.dist.rank:05d}.pt")
             if faults.active("crash_in_save", step, self.dist.rank):
                 raise faults.InjectedFault(f"injected failure after rank {self.dist.rank} wrote")
         except Exception as e:  # agreed on below, so that no rank commits a partial save
             error = e
         # The committed marker is written only once every rank's files are on disk.
-        if self.dist.all_reduce_max(1.0 if error else 0.0) > 0:
-            raise CheckpointError(
-                f"saving {name} failed ({error or 'on another rank'}); the previous checkpoint "
-                f"stays the latest and {tmp} is removed at the next start") from error
-        self.dist.barrier()
+        failed = self._agree(error)
+        if failed:
+            raise CheckpointError(f"saving {name} failed {failed}; {self._kept()} and {tmp} is "
+                                  f"removed at the next start") from error
         if self.dist.is_main:
-            for dst, src in (extra_files or {}).items():
-                shutil.copyfile(src, tmp / dst)
-            _fsync_write(tmp / "trainer.json", json.dumps(client_state.get("trainer_state", {})))
-            if "layout" in client_state:
-                _fsync_write(tmp / LAYOUT, json.dumps(client_state["layout"]))
-            shutil.rmtree(universal_dir(final), ignore_errors=True)  # made from the step replaced
-            _fsync_write(tmp / FILES, json.dumps(file_sizes(tmp), indent=0))
-            _fsync_write(tmp / MARKER, name)
-            if final.exists():  # re-saving a step (e.g. after resume_from an older one)
-                old = self.root / (name + ".replaced.tmp")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-            _fsync_write(self.root / "latest", name)
-            self._prune(keep=final)
-        self.dist.barrier()
+            try:
+                self._commit(tmp, final, step, client_state, extra_files or {})
+            except Exception as e:  # rank 0's alone: the others learn of it below, not by timeout
+                error = e
+        failed = self._agree(error)
+        if failed:
+            raise CheckpointError(f"committing {name} failed {failed}; {self._kept()}") from error
+        if self.dist.is_main:
+            try:
+                self._prune(keep=final)
+            except OSError as e:  # the save is committed; the others no longer wait for rank 0
+                log.warning("could not remove checkpoints older than the newest %d: %s",
+                            self.keep_last, e)
         return final
+
+    def _agree(self, error: Optional[BaseException]) -> Optional[str]:
+        """Collective: None when no rank failed; else on every rank "on rank R: <R's error>"."""
+        failed = int(self.dist.all_reduce_max(self.dist.rank + 1 if error is not None else 0))
+        if failed == 0:
+            return None
+        words = [_describe(error, self.root) if error is not None else None]
+        if self.dist.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.broadcast_object_list(words, src=failed - 1)
+        return f"on rank {failed - 1}: {words[0]}"
+
+    def _kept(self) -> str:
+        latest = find_latest(self.root)
+        return f"{latest.name} stays the latest checkpoint" if latest else "no earlier one exists"
+
+    def _commit(self, tmp: Path, final: Path, step: int, client_state: Dict[str, Any],
+                extra_files: Dict[str, Path]) -> None:
+        """Rank 0, once every rank's files are on disk: FILES, the marker, the rename, `latest`."""
+        for dst, src in extra_files.items():
+            shutil.copyfile(src, tmp / dst)
+        _fsync_write(tmp / TRAINER, json.dumps(client_state.get("trainer_state", {})))
+        if "layout" in client_state:
+            _fsync_write(tmp / LAYOUT, json.dumps(client_state["layout"]))
+        shutil.rmtree(universal_dir(final), ignore_errors=True)  # made from the step replaced
+        _fsync_write(tmp / FILES, json.dumps(file_sizes(tmp), indent=0))
+        if faults.active("enospc_in_commit", step, self.dist.rank):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / MARKER))
+        _fsync_write(tmp / MARKER, final.name)
+        if final.exists():  # re-saving a step (e.g. after resume_from an older one)
+            old = self.root / (final.name + ".replaced.tmp")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_write(self.root / "latest", final.name)
 
     def _prune(self, keep: Path) -> None:
         found = committed(self.root)
@@ -278,7 +510,7 @@ class Checkpointer:
     def load(self, engine, path: Path, load_optimizer: bool = True) -> Dict[str, Any]:
         """Collective. Loads engine (model, optimizer, LR schedule) and this rank's RNG state;
         returns the client state saved with it. `path` may be a universal form (pretrain.reshard),
-        for an engine built with "load_universal"."""
+        for an engine built with "load_universal". Every file is read weights-only."""
         path = Path(path)
         if not (path / MARKER).exists():
             raise CheckpointError(f"{path} has no {MARKER} marker: it is an incomplete save; "
@@ -286,7 +518,7 @@ class Checkpointer:
         base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer
         decay = [g["weight_decay"] for g in base.param_groups]
         try:
-            with _model_file_read_once(engine, self.dist.tp_rank == 0):
+            with weights_only_loads(), _model_file_read_once(engine, self.dist.tp_rank == 0):
                 loaded, client = engine.load_checkpoint(
                     str(path.parent), tag=path.name, load_optimizer_states=load_optimizer,
                     load_lr_scheduler_states=load_optimizer, load_module_strict=True)
@@ -302,11 +534,11 @@ class Checkpointer:
         """This rank's saved RNG state when the checkpoint was saved at this layout; otherwise
         (another TP/DP layout, a universal form) every generator is reseeded deterministically."""
         rng_file = path / f"rng_rank{self.dist.rank:05d}.pt"
-        saved = json.loads((path / LAYOUT).read_text()) if (path / LAYOUT).exists() else {}
+        saved = read_json(path / LAYOUT) if (path / LAYOUT).exists() else {}
         now = (self.dist.tp, self.dist.dp)
         same = (saved.get("tp", now[0]), saved.get("dp", now[1])) == now
         if rng_file.exists() and same:
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            set_rng_state(safe_load(rng_file, classes=_numpy_array_classes()))
             return
         step = int(re.match(r"step_(\d+)", path.name).group(1))
         self.dist.seed(reseed_value(self.seed, step))

@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 import yaml
 
-from pretrain.checkpoint import MARKER, find_latest
+from pretrain.checkpoint import MARKER, damaged, find_latest, safe_load, weights_only_loads
 from pretrain.config import Config, ModelConfig
 from pretrain.errors import CheckpointError, ConfigError
 
@@ -55,13 +55,17 @@ _TE_NAMES = {"self_attention.linear_qkv.layer_norm_": "input_layernorm.",
 
 # ---- finding and reading a checkpoint ---------------------------------------------------------
 def resolve_checkpoint(path: os.PathLike) -> Path:
-    """A committed step directory from a step dir, a run's `checkpoints/` dir (its latest) or a
-    run dir."""
+    """An intact committed step directory from a step dir, a run's `checkpoints/` dir (its latest)
+    or a run dir."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such directory; pass a step_XXXXXXXX checkpoint, a "
                               f"run's checkpoints/ directory or a run directory")
     if (path / MARKER).exists():
+        problem = damaged(path)
+        if problem is not None:
+            raise CheckpointError(f"{path} is damaged ({problem}); export another checkpoint, or "
+                                  f"the run directory for its newest intact one")
         return path
     if path.name.startswith("step_"):
         raise CheckpointError(f"{path} is not a committed checkpoint (no {MARKER} marker): the save "
@@ -143,7 +147,7 @@ def _rank_state(step_dir: Path, tp_rank: int) -> State:
         raise CheckpointError(f"{step_dir}: no model states of tensor-parallel rank {tp_rank} "
                               f"({pattern}_model_states.pt); the checkpoint is incomplete")
     if not optim_files:  # ZeRO 0
-        module = torch.load(model_files[0], map_location="cpu", weights_only=False)["module"]
+        module = safe_load(model_files[0])["module"]
         state = {k: v for k, v in module.items() if torch.is_tensor(v)}
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -155,7 +159,8 @@ def _rank_state(step_dir: Path, tp_rank: int) -> State:
                 (tag_dir / f.name).symlink_to(f.resolve())
             chatter = io.StringIO()  # zero_to_fp32 prints progress bars and summaries
             try:
-                with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+                with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), \
+                        weights_only_loads():
                     state = get_fp32_state_dict_from_zero_checkpoint(view, tag=step_dir.name)
             except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
                 raise CheckpointError(f"{step_dir}: cannot gather the weights of tensor-parallel "

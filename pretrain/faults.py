@@ -10,6 +10,8 @@ every check is a dictionary lookup that finds nothing. Steps are 1-based, as in 
     nan_grad    the rank's loss in step k is finite, its gradients are NaN
     spike       the rank's loss in step k is multiplied by 1000
     crash_in_save  the rank fails after writing its part of the step-k checkpoint
+    enospc_in_commit  rank 0's commit of the step-k checkpoint (after FILES, before the marker)
+                   fails as on a full disk (OSError ENOSPC)
 
 Faults model transient failures: each fires at most once per process, and never in a worker that
 torchrun restarted (TORCHELASTIC_RESTART_COUNT > 0), so that a drill's restart or rollback

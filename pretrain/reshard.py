@@ -32,19 +32,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import logging
 import math
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
 
-from pretrain.checkpoint import LAYOUT, MARKER, UNIVERSAL, universal_dir
+from pretrain.checkpoint import (LAYOUT, MARKER, UNIVERSAL, read_json, safe_load, universal_dir,
+                                 weights_only_loads)
 from pretrain.config import Config, ModelConfig
 from pretrain.errors import CheckpointError
 from pretrain.export import COLUMN, GATED, REPLICATED, ROW, tp_split
@@ -70,13 +70,25 @@ class Layout:
         return (f"TP={self.tp} x DP={self.dp}, ZeRO {self.zero_stage}, "
                 f"{self.padded_vocab_size} vocabulary rows")
 
+    @classmethod
+    def from_file(cls, path: Path) -> "Layout":
+        """A checkpoint's layout.json; CheckpointError when it is not one (the save wrote one)."""
+        raw = read_json(path)
+        names = [f.name for f in fields(cls)]
+        values = {k: raw.get(k) for k in names}
+        least = {k: 0 if k == "zero_stage" else 1 for k in names}
+        if not all(type(v) is int and v >= least[k] for k, v in values.items()):
+            raise CheckpointError(f"{path} is not a parallel layout: it holds {raw!r:.200}, not "
+                                  f"integers {names} (the checkpoint is damaged)")
+        return cls(**values)
+
 
 def read_layout(step_dir: Path, saved_cfg: Dict[str, Any], vocab: int) -> Layout:
     """The layout a checkpoint was saved at: its layout.json, or for a checkpoint written before
     layout.json existed, what its file names and config.yaml say."""
     step_dir = Path(step_dir)
     if (step_dir / LAYOUT).exists():
-        return Layout(**json.loads((step_dir / LAYOUT).read_text()))
+        return Layout.from_file(step_dir / LAYOUT)
     tp_ranks = {int(m.group(1)) for f in step_dir.iterdir() if (m := _MP_FILE.match(f.name))}
     dp_ranks = {int(m.group(1)) for f in step_dir.iterdir() if (m := _OPTIM_FILE.match(f.name))}
     tp = max(tp_ranks) + 1 if tp_ranks else 1
@@ -232,7 +244,7 @@ def convert(step_dir: Path, target: Path) -> None:
         if f.name.endswith("_optim_states.pt"):
             (source / f.name).symlink_to(f.resolve())
         elif f.name.endswith("_model_states.pt"):
-            state = torch.load(f, map_location="cpu", weights_only=False)
+            state = safe_load(f)
             if UNIVERSAL_CHECKPOINT_INFO not in state:
                 raise CheckpointError(f"{f} carries no {UNIVERSAL_CHECKPOINT_INFO}: it was saved "
                                       f"before resharding was supported")
@@ -247,7 +259,8 @@ def convert(step_dir: Path, target: Path) -> None:
                               strict=True, inject_missing_state=False)
     chatter = io.StringIO()  # progress bars and summaries
     try:
-        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), \
+                weights_only_loads():
             ds_to_universal.main(args)
     except (AssertionError, ValueError, RuntimeError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(f"ds_to_universal failed on {step_dir}: {e!r}\n"

@@ -14,12 +14,14 @@ import torch
 import yaml
 
 from launch.export import main
+from pretrain.checkpoint import FILES, file_sizes
 from pretrain.config import ParallelConfig
 from pretrain.data.manifest import compute_fingerprint, sha256_file
 from pretrain.errors import CheckpointError, ConfigError
 from pretrain.export import (export, load_merged_state, merged_state, read_config,
                              resolve_checkpoint)
 from tests.helpers.synthetic import indexed_samples, write_dataset
+from tests.test_checkpoint_safety import plant
 from tests.launch_helpers import run_train, tiny_overrides
 from tokenizer.bpe import train_tokenizer
 
@@ -223,11 +225,41 @@ def test_uncommitted_checkpoint_is_refused(runs, tmp_path, capsys):
 def test_missing_tensor_parallel_shard_is_refused(runs, tmp_path):
     step = _copy_step(runs["gpt2_tp2_zero0"], tmp_path)
     (step / "mp_rank_01_model_states.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"damaged \(mp_rank_01_model_states.pt is missing"):
+        export(step, tmp_path / "hf")
+    (step / "FILES").unlink()  # as saved before FILES existed: found missing while reading
     with pytest.raises(CheckpointError, match="tensor-parallel rank 1"):
         export(step, tmp_path / "hf")
     (step / "tokenizer.json").unlink()
     with pytest.raises(CheckpointError, match="tokenizer.json is missing"):
         export(step, tmp_path / "hf")
+
+
+def test_damaged_step_directory_is_refused(runs, tmp_path):
+    step = _copy_step(runs["gpt2_tp1_zero1"], tmp_path)
+    shard = step / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"is damaged \(zero_pp_rank_0_mp_rank_00_optim_"
+                                              r"states.pt has 100 bytes, \d+ were saved\); export"):
+        export(step, tmp_path / "hf")
+
+
+# ZeRO 0: our own read of the model states; ZeRO 1: DeepSpeed's zero_to_fp32.
+@pytest.mark.parametrize("case, name", [
+    ("gpt2_tp2_zero0", "mp_rank_01_model_states.pt"),
+    ("gpt2_tp1_zero1", "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+    ("gpt2_tp1_zero1", "mp_rank_00_model_states.pt")])
+def test_planted_pickle_is_refused(runs, tmp_path, capsys, case, name):
+    step = _copy_step(runs[case], tmp_path)
+    marker = tmp_path / "MARKER"
+    plant(step, name, marker)  # FILES updated: the size check passes
+    with pytest.raises(SystemExit) as e:
+        main([str(step), str(tmp_path / "hf")])
+    err = capsys.readouterr().err
+    assert not marker.exists(), "the planted pickle ran"
+    assert e.value.code == 2 and err.startswith("error: CheckpointError"), err
+    assert f"{name}: refused to unpickle GLOBAL getattr" in err
+    assert not (tmp_path / "hf").exists()
 
 
 @pytest.mark.parametrize("change, named", [
@@ -239,6 +271,7 @@ def test_unsupported_model_settings_are_named(runs, tmp_path, change, named):
     cfg = yaml.safe_load((step / "config.yaml").read_text())
     cfg["model"].update(change)
     (step / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (step / FILES).write_text(json.dumps(file_sizes(step)))  # edited on purpose, not damaged
     with pytest.raises(CheckpointError, match="cannot be exported") as e:
         export(step, tmp_path / "hf")
     assert named in str(e.value)
