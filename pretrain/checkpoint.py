@@ -22,8 +22,9 @@ small files only, before any process group starts, so every rank picks the same 
 followed only when it names a step_XXXXXXXX directory of checkpoints/.
 
 Nothing is unpickled beyond tensors, containers and primitives plus the few DeepSpeed classes its
-files hold (torch's weights-only loading, `safe_load`): a planted `.pt` whose unpickling would run
-code is a CheckpointError naming the file, on resume, reshard (pretrain.reshard) and export.
+files hold (torch's weights-only loading, pretrain.safe_load): a planted `.pt` whose unpickling
+would run code is a CheckpointError naming the file, on resume, reshard (pretrain.reshard) and
+export.
 """
 
 from __future__ import annotations
@@ -33,18 +34,18 @@ import errno
 import json
 import logging
 import os
-import pickle
 import random
 import re
 import shutil
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from pretrain import faults
 from pretrain.errors import CheckpointError
+from pretrain.safe_load import numpy_array_classes, safe_load, weights_only_loads
 
 log = logging.getLogger(__name__)
 
@@ -202,71 +203,6 @@ def clean_stale(root: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
         elif p.name.endswith(UNIVERSAL) and not (root / p.name[:-len(UNIVERSAL)] / MARKER).exists():
             shutil.rmtree(p, ignore_errors=True)
-
-
-# ---- reading .pt files: tensors, never code --------------------------------------------------
-def _deepspeed_classes() -> List[type]:
-    """What DeepSpeed 0.19.8's checkpoint files hold besides tensors, containers and primitives,
-    as torch.serialization.get_unsafe_globals_in_checkpoint lists it for saves at ZeRO 0-3, fp32
-    and bf16, and their universal forms: the loss scaler, the ZeRO stage, fragment addresses.
-    DynamicLossScaler is fp16's (GPU only): from DeepSpeed's code, not seen. Another DeepSpeed
-    version may save more: its files are refused, naming the class, until it is listed here."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-def _numpy_array_classes() -> List[Any]:
-    """What numpy arrays of numbers need: RNG files written before their state was tensors."""
-    reconstruct = np.zeros(1).__reduce__()[0]  # numpy's _reconstruct
-    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), reconstruct]
-
-
-def _load_weights_only(load: Callable, f, map_location, mmap, classes: Sequence[Any]):
-    """load(f) (torch.load or a stand-in for it) with torch's weights-only unpickler, which builds
-    tensors, containers, primitives and `classes` only; anything else is a CheckpointError naming
-    the file and what it asked for."""
-    try:
-        with torch.serialization.safe_globals(list(classes)):
-            return load(f, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        asked = re.search(r"(GLOBAL \S+)|(Unsupported operand \d+)|got (<class '[^']+'>)", str(e))
-        what = next(g for g in asked.groups() if g) if asked else "an object it cannot build"
-        name = getattr(f, "name", f)
-        raise CheckpointError(
-            f"{name}: refused to unpickle {what}: checkpoint files hold tensors, containers and "
-            f"the few classes DeepSpeed 0.19.8 saves, nothing that runs code when loaded. This one "
-            f"was not written by this trainer, or by another DeepSpeed version (pretrain."
-            f"checkpoint._deepspeed_classes lists what is allowed); restore the checkpoint from a "
-            f"trusted copy or resume from another one (trainer.resume_from)") from None
-
-
-def safe_load(path, map_location="cpu", classes: Optional[Sequence[Any]] = None, mmap=None):
-    """torch.load for checkpoint files: weights only, plus DeepSpeed's classes (or `classes`)."""
-    return _load_weights_only(torch.serialization.load, path, map_location, mmap,
-                              _deepspeed_classes() if classes is None else classes)
-
-
-@contextlib.contextmanager
-def weights_only_loads():
-    """Inside, every torch.load is a safe_load. DeepSpeed 0.19.8 unpickles everything with
-    torch.load(..., weights_only=False): its checkpoint engine (load_checkpoint, also universal
-    and ZeRO-3 loads), ds_to_universal and zero_to_fp32 all look `torch.load` up when they call it,
-    so replacing that one attribute for the duration covers them. For the main thread of a load
-    (another thread's torch.load inside would be weights-only too)."""
-    previous = torch.load
-    classes = _deepspeed_classes()
-
-    def load(f, map_location=None, *args, mmap=None, **kwargs):  # weights_only etc.: overridden
-        return _load_weights_only(previous, f, map_location, mmap, classes)
-
-    torch.load = load
-    try:
-        yield
-    finally:
-        torch.load = previous
 
 
 # ---- RNG state ---------------------------------------------------------------------------------
@@ -468,10 +404,9 @@ class Checkpointer:
         failed = int(self.dist.all_reduce_max(self.dist.rank + 1 if error is not None else 0))
         if failed == 0:
             return None
-        words = [_describe(error, self.root) if error is not None else None]
-        if self.dist.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.broadcast_object_list(words, src=failed - 1)
-        return f"on rank {failed - 1}: {words[0]}"
+        words = self.dist.broadcast_object(_describe(error, self.root) if error is not None else None,
+                                           src=failed - 1)
+        return f"on rank {failed - 1}: {words}"
 
     def _kept(self) -> str:
         latest = find_latest(self.root)
@@ -538,7 +473,7 @@ class Checkpointer:
         now = (self.dist.tp, self.dist.dp)
         same = (saved.get("tp", now[0]), saved.get("dp", now[1])) == now
         if rng_file.exists() and same:
-            set_rng_state(safe_load(rng_file, classes=_numpy_array_classes()))
+            set_rng_state(safe_load(rng_file, classes=numpy_array_classes()))
             return
         step = int(re.match(r"step_(\d+)", path.name).group(1))
         self.dist.seed(reseed_value(self.seed, step))

@@ -176,11 +176,12 @@ class Dist:
             except (ValueError, AssertionError, RuntimeError):  # not a member, or no such backend
                 pass
 
-    def broadcast_object(self, obj):
+    def broadcast_object(self, obj, src: int = 0):
+        """Rank src's obj on every rank (pickled: for small, trusted values only)."""
         if not (self.initialized and torch.distributed.is_initialized()) or self.world_size == 1:
             return obj
         box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
+        torch.distributed.broadcast_object_list(box, src=src)
         return box[0]
 
     def comm_device(self) -> torch.device:

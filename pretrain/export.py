@@ -24,7 +24,8 @@ from typing import Callable, Dict, List, Tuple
 import torch
 import yaml
 
-from pretrain.checkpoint import MARKER, damaged, find_latest, safe_load, weights_only_loads
+from pretrain.checkpoint import MARKER, damaged, find_latest
+from pretrain.safe_load import safe_load, weights_only_loads
 from pretrain.config import Config, ModelConfig
 from pretrain.errors import CheckpointError, ConfigError
 

@@ -43,8 +43,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from pretrain.checkpoint import (LAYOUT, MARKER, UNIVERSAL, read_json, safe_load, universal_dir,
-                                 weights_only_loads)
+from pretrain.checkpoint import LAYOUT, MARKER, UNIVERSAL, read_json, universal_dir
+from pretrain.safe_load import safe_load, weights_only_loads
 from pretrain.config import Config, ModelConfig
 from pretrain.errors import CheckpointError
 from pretrain.export import COLUMN, GATED, REPLICATED, ROW, tp_split
