@@ -157,10 +157,9 @@ def train(cfg: Config, env: Optional[Dict[str, str]] = None) -> RunResult:
         state = run.trainer.fit()
         stop = run.trainer.stop_reason
         run.tracker.close()
-        from pretrain.callbacks.preemption import EXIT_REQUEUE
+        from pretrain.callbacks.preemption import exit_code
 
-        code = EXIT_REQUEUE if stop and stop.startswith("signal") else 0
-        return RunResult(state.state_dict(), stop, run_dir, code)
+        return RunResult(state.state_dict(), stop, run_dir, exit_code(stop))
     finally:
         if lock is not None:
             lock.release()

@@ -7,9 +7,9 @@
 #   2. The batch shell forwards it to the `srun` step (`kill -USR1 <srun pid>`); srun forwards it to
 #      every task on every node. (bash runs a trap only between commands, so srun runs in the
 #      background and the shell sits in `wait`.)
-#   3. Each training process catches SIGUSR1 (or SIGTERM), saves a checkpoint and exits with
-#      PRETRAIN_STOP_EXIT (3). The first rank to exit makes srun (--kill-on-bad-exit) SIGTERM the
-#      others; they ignore signals once stopping, so they exit 3 too and srun returns 3.
+#   3. Each training process catches SIGUSR1, saves a checkpoint and exits with PRETRAIN_STOP_EXIT
+#      (3). The first rank to exit makes srun (--kill-on-bad-exit) SIGTERM the others; they ignore
+#      signals once stopping, so they exit 3 too and srun returns 3.
 #   4. The batch shell sees 3 (or, under torchrun, which hides its workers' codes, any failure after
 #      it forwarded a stop) and runs `scontrol requeue $SLURM_JOB_ID`, at most MAX_REQUEUES times in
 #      all (SLURM_RESTART_COUNT counts every requeue, Slurm's own included). The job keeps its id,
@@ -17,7 +17,9 @@
 #      Slurm holds a requeued job about 2 minutes (Reason=BeginTime) before it is eligible again.
 # A SIGTERM to the batch shell (scancel, preemption, the time limit itself) also reaches every task
 # from Slurm directly; the shell then waits for the step and does not requeue: a cancel means stop,
-# and a preempted job is requeued by Slurm when the cluster is configured so.
+# and a preempted job is requeued by Slurm when the cluster is configured so. A SIGTERM (or SIGINT)
+# to the tasks alone (`scancel --signal=TERM JOBID`) makes them save and exit 4 (saved, stopped on
+# purpose): not requeued either.
 
 PRETRAIN_STOP_EXIT=3
 

@@ -2,7 +2,8 @@
 
 The handler only sets a flag; at the end of every step the ranks agree (max over all ranks) so
 that all of them stop after the same step, even when only one of them got the signal. The
-checkpoint callback then saves and the launcher exits with EXIT_REQUEUE.
+checkpoint callback then saves and the launcher exits with EXIT_REQUEUE (a USR signal: come back)
+or EXIT_STOPPED (TERM, INT: stay stopped), so that the sbatch templates requeue only the former.
 
 Which signal tells what comes next (`wants_requeue`):
     SIGUSR1, SIGUSR2  "save and come back": the warning before the time limit (the sbatch
@@ -18,7 +19,7 @@ signals (pretrain.data.loader), the trainer saves and then ends them. A signal t
 of any one rank is enough: the ranks agree at the end of every step.
 A signal may come more than once (torchrun forwarding what Slurm also sent, a second scancel):
 the flag only remembers the strongest one, and once the stop is under way the signals are ignored
-until the process exits, so that no rank dies by a signal between its save and its exit code 3.
+until the process exits, so that no rank dies by a signal between its save and its exit code.
 A signal that lands at the last step stops nothing: the run is complete, and exits 0.
 """
 
@@ -32,12 +33,20 @@ from pretrain.trainer import Callback, StepOutput, Trainer
 
 log = logging.getLogger("pretrain")
 
-EXIT_REQUEUE = 3
+EXIT_REQUEUE = 3  # saved after SIGUSR1/SIGUSR2: requeue me
+EXIT_STOPPED = 4  # saved after SIGTERM/SIGINT: stopped on purpose, do not requeue
 # Weakest first: the ranks agree on the strongest signal any of them got (a cancel after a warning
 # is a cancel), by its position here.
 SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT, signal.SIGTERM)
 REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
-_REASON = "signal "  # stop_reason = "signal SIGUSR1"; pretrain.run maps it to EXIT_REQUEUE
+_REASON = "signal "  # stop_reason = "signal SIGUSR1"; exit_code() maps it
+
+
+def exit_code(stop_reason: Optional[str]) -> int:
+    """The process's exit status after a run that stopped for `stop_reason` (None: finished)."""
+    if not stop_reason or not stop_reason.startswith(_REASON):
+        return 0
+    return EXIT_REQUEUE if wants_requeue(stop_reason) else EXIT_STOPPED
 
 
 def wants_requeue(stop_reason: Optional[str]) -> bool:
@@ -78,7 +87,7 @@ class PreemptionCallback(Callback):
         for sig, prev in self._previous.items():
             # After a stop, ignore the signals until the process exits: a late copy, or the
             # SIGTERM with which srun --kill-on-bad-exit ends the step once the first rank has
-            # exited 3, must not turn this rank's exit 3 into a death by signal. SIG_IGN, not a
+            # exited, must not turn this rank's exit status into a death by signal. SIG_IGN, not a
             # Python handler: the interpreter resets those to the default while it shuts down.
             signal.signal(sig, signal.SIG_IGN if self.received else prev)
         self._previous.clear()

@@ -58,3 +58,29 @@ def test_one_signalled_rank_stops_every_rank_at_the_same_step(tmp_path):
     results = sorted(line for out in outs for line in out.splitlines() if line.startswith("RESULT"))
     assert results == ["RESULT rank=0 stopped_at=4 reason=signal SIGUSR1",
                        "RESULT rank=1 stopped_at=4 reason=signal SIGUSR1"], outs
+
+
+def test_exit_code_says_whether_to_come_back():
+    from pretrain.callbacks.preemption import EXIT_REQUEUE, EXIT_STOPPED, exit_code
+
+    assert exit_code(None) == 0 and exit_code("nonfinite_loss streak") == 0
+    assert exit_code("signal SIGUSR1") == exit_code("signal SIGUSR2") == EXIT_REQUEUE == 3
+    assert exit_code("signal SIGTERM") == exit_code("signal SIGINT") == EXIT_STOPPED == 4
+
+
+def test_sigint_is_caught_and_outranks_the_warning_signals():
+    import signal as sig
+    from types import SimpleNamespace
+
+    from pretrain.callbacks.preemption import PreemptionCallback
+
+    cb = PreemptionCallback()
+    cb._handler(sig.SIGUSR1, None)
+    cb._handler(sig.SIGINT, None)
+    cb._handler(sig.SIGUSR2, None)
+    stops = []
+    tr = SimpleNamespace(dist=SimpleNamespace(all_reduce_max=lambda v: v, is_main=False),
+                         stop_reason=None, state=SimpleNamespace(step=3), max_steps=10,
+                         request_stop=stops.append)
+    cb.on_step_end(tr, None)
+    assert stops == ["signal SIGINT"]

@@ -128,7 +128,8 @@ def test_scontrol_requeue_saves_at_the_signal_and_the_requeued_job_resumes(
     subprocess.run(["scontrol", "requeue", str(job)], check=True, timeout=15)
     _, state, output = slurm.wait(job, timeout=2 * JOB_TIMEOUT)
     assert state == "COMPLETED", output
-    assert "restart 1 on" in output and output.count("step exited with 3") == 1, output
+    # Saved after a SIGTERM: exit 4 ("stopped on purpose"); Slurm, not the batch script, requeues.
+    assert "restart 1 on" in output and output.count("step exited with 4") == 1, output
     assert_resumed_equal(reference_done(slurm, reference), run_dir, output)
 
 
@@ -159,15 +160,16 @@ def test_scancel_term_full_keeps_the_last_checkpoint_and_a_rerun_resumes(
 def test_scancel_term_to_the_steps_saves_at_the_signal(slurm, pretrain_bin, tiny_dataset, tmp_path,
                                                       reference):
     """`scancel --signal=TERM JOBID` signals every process of the job's steps (ranks and their
-    data workers), not the batch shell nor srun: every rank saves at one step and exits 3."""
+    data workers), not the batch shell nor srun: every rank saves at one step and exits 4, which
+    the batch script does not requeue (a TERM means stop; USR1 would have asked to come back)."""
     run_dir = tmp_path / "stepsignal"
-    env = {"PRETRAIN_BIN": str(pretrain_bin), "MAX_REQUEUES": "0"}
+    env = {"PRETRAIN_BIN": str(pretrain_bin)}
     job = slurm.sbatch(TEMPLATE, overrides(tiny_dataset, run_dir), cwd=tmp_path, env=env)
     wait_for_step(run_dir, 2)
     subprocess.run(["scancel", "--signal=TERM", str(job)], check=True, timeout=15)
     _, state, first = slurm.wait(job, timeout=JOB_TIMEOUT)
     at = stopped_step(first)
-    assert "step exited with 3" in first and state == "FAILED", first
+    assert "step exited with 4" in first and state == "FAILED" and "requeue" not in first, first
     assert [p.name for p in committed(run_dir / "checkpoints")] == [f"step_{at:08d}"], first
     _, state, second = slurm.submit(TEMPLATE, overrides(tiny_dataset, run_dir), cwd=tmp_path,
                                     env=env, timeout=JOB_TIMEOUT)
