@@ -1,9 +1,14 @@
-"""megatron-core on CPU: redirect its two CUDA assumptions. Applied only when the device is CPU.
+"""megatron-core on CPU: redirect its CUDA assumptions. Applied only when the device is CPU.
 
 1. `torch.cuda.current_device()` is used by megatron-core (rotary embeddings, the global memory
    buffer, ...) as the device for new tensors; on CPU it must name the CPU.
 2. The tensor-parallel RNG tracker saves and restores CUDA generator states; on CPU it must fork
    the CPU generator instead, so that dropout inside tensor-parallel regions stays reproducible.
+3. Activation recompute (`tensor_parallel.checkpoint`, `CheckpointWithoutOutput`) saves the CPU
+   generator, the CUDA generator (`random._get_cuda_rng_state`) and the tracker before the
+   forward, and restores all three for the recomputation, so that it draws the same dropout
+   masks. On CPU there is no CUDA generator: both calls go to the CPU generator, which the save
+   and restore then simply cover twice.
 """
 
 from __future__ import annotations
@@ -64,7 +69,20 @@ def apply() -> None:
     if torch.cuda.is_available():
         raise RuntimeError("cpu_shims.apply() on a CUDA machine: the shims are for CPU runs only")
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    from megatron.core.tensor_parallel import random as mp_random
+
+    # random.py looks these two up as module globals at each call (no other module imports them).
+    mp_random._get_cuda_rng_state = _get_cpu_rng_state
+    mp_random._set_cuda_rng_state = _set_cpu_rng_state
     _APPLIED = True
+
+
+def _get_cpu_rng_state(device=None, clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    return torch.get_rng_state()  # always a fresh tensor: clone is moot
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
 
 
 def seed_tensor_parallel_rng(seed: int, tp_rank: int) -> None:
