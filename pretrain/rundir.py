@@ -205,9 +205,7 @@ class RunDirLock:
         os.close(fd)
         try:
             now, _ = self._read()
-            if holder == {}:
-                return
-            if now == holder or (holder is None and now is None):
+            if now == holder:  # still the lock judged stale (or still unreadable)
                 log.warning("taking over %s from %s: %s", self.path,
                             describe(holder) if holder else "an unreadable lock", reason)
                 self.path.unlink(missing_ok=True)
