@@ -17,6 +17,7 @@ from pretrain.callbacks.watchdog import Watchdog
 from pretrain.checkpoint import Checkpointer
 from pretrain.config import Config
 from pretrain.data.loader import StreamSpec, make_loader
+from pretrain.data.remote import remote_spec
 from pretrain.data.sources import Sources, fingerprint
 from pretrain.dist import Dist
 from pretrain.engine import build_engine
@@ -45,7 +46,7 @@ def data_spec(cfg: Config, dist: Dist, sources: Sources, split: str, start: int)
                       dp_rank=dist.dp_rank, seed=cfg.data.seed,
                       window_shards=cfg.data.shuffle_window_shards,
                       shuffle=cfg.data.shuffle and split == "train",
-                      max_bad_shards=cfg.data.max_bad_shards)
+                      max_bad_shards=cfg.data.max_bad_shards, remote=remote_spec(cfg.data, split))
 
 
 def device_peak(cfg: Config, dist: Dist) -> Tuple[Optional[str], Optional[float]]:

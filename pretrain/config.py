@@ -147,6 +147,23 @@ class DataConfig:
     # A changed dataset or tokenizer is an error on resume unless this is true.
     allow_fingerprint_change: bool = False
     prefetch_factor: int = 4
+    # Shards behind a URL (http(s):// or a pipe: command in data.shards_url / data.shards).
+    # range: each rank fetches only the samples it owns with HTTP Range requests (whole cluster
+    # ~1x the dataset per epoch; servers without multipart ranges, such as S3 or GCS, and pipe:
+    # fall back to cache). cache: whole shards fetched once per node into data.cache_dir.
+    remote_mode: str = "range"
+    # Node-local and shared by the node's ranks (local disk or /dev/shm, not a shared filesystem);
+    # null: <tmp>/pretrain-shards-<uid>. Bounded by cache_limit_gb (least recently used evicted).
+    cache_dir: Optional[str] = None
+    cache_limit_gb: float = 20.0
+    # Windows of shards fetched ahead of the one being read; concurrent requests per reader.
+    prefetch_windows: int = 1
+    fetch_threads: int = 4
+    # A failed request is retried fetch_retries times, fetch_backoff_s x 2^k apart, then the shard
+    # counts as bad (data.max_bad_shards); fetch_timeout_s bounds each connect and read.
+    fetch_retries: int = 4
+    fetch_backoff_s: float = 1.0
+    fetch_timeout_s: float = 60.0
 
     def validate(self) -> None:
         _check(self.path is not None, "data.path",
@@ -158,6 +175,14 @@ class DataConfig:
         _check(len(self.blend) == len(self.blend_weights), "data.blend_weights",
                f"{len(self.blend_weights)} weights for {len(self.blend)} datasets in data.blend")
         _check(all(w > 0 for w in self.blend_weights), "data.blend_weights", "must be positive")
+        _check(self.remote_mode in ("range", "cache"), "data.remote_mode",
+               f"'{self.remote_mode}' is not one of range, cache")
+        _check(self.cache_limit_gb > 0, "data.cache_limit_gb", "must be positive")
+        _check(self.prefetch_windows >= 0, "data.prefetch_windows", "must be >= 0 (0: no prefetch)")
+        _check(self.fetch_threads >= 1, "data.fetch_threads", "must be >= 1")
+        _check(self.fetch_retries >= 0, "data.fetch_retries", "must be >= 0")
+        _check(self.fetch_backoff_s >= 0, "data.fetch_backoff_s", "must be >= 0")
+        _check(self.fetch_timeout_s > 0, "data.fetch_timeout_s", "must be positive")
 
     @property
     def paths_and_weights(self) -> List[Tuple[str, float]]:

@@ -7,10 +7,12 @@ the next sample.
 
 Each worker reads the shards of one window at a time and keeps only the samples it owns (memory ~
 window / (dp x workers)): a local shard in pretrain-data's layout by offset, only those samples
-(`read_by_offset`), anything else (URLs, `pipe:`, other tar layouts) streamed whole through
-webdataset's tar reader. A shard that cannot be read is
-skipped with a warning and counted; its samples are replaced by other samples of the same
-window (deterministically), and more than `max_bad_shards` such shards is a DataError.
+(shardread.py), other tar layouts streamed whole through webdataset's tar reader, and shards
+behind a URL or a `pipe:` command through remote.py (HTTP Range reads of the samples owned, or a
+node-local cache that fetches each shard once per node), with the next window prefetched. A
+shard that cannot be read is skipped with a warning and counted; its samples are replaced by
+other samples of the same window (deterministically), and more than `max_bad_shards` such
+shards is a DataError.
 
 DataLoader workers ignore the stop signals (SIGINT, SIGTERM, SIGUSR1, SIGUSR2). Slurm signals every
 process of a job step on preemption, requeue, scancel or a node drain; a worker that died of it
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import signal
 import weakref
 from dataclasses import dataclass
@@ -31,12 +32,12 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pretrain.data.manifest import (TAR_BLOCK, Manifest, ShardInfo, decode_sample, is_remote,
-                                    member_bytes, tar_checksum)
+from pretrain.data.manifest import Manifest, is_remote
 from pretrain.data.order import BlendSchedule, SampleOrder, Window, micro_batch_indices, owner
+from pretrain.data.remote import Job, RemoteShards, RemoteSpec, check_cache_budget
+from pretrain.data.shardread import BadShard, read_by_offset, read_shard  # noqa: F401 (API)
 from pretrain.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ class StreamSpec:
     # More datasets sampled beside `manifest` (which has `weight`): ((manifest, weight), ...).
     blend: Sequence[Tuple[Manifest, float]] = ()
     weight: float = 1.0
+    # How shards behind URLs are read (remote.py); None: RemoteSpec's defaults.
+    remote: Optional[RemoteSpec] = None
 
     @property
     def sources(self) -> List[Tuple[Manifest, float]]:
@@ -81,26 +84,40 @@ class ShardStream(IterableDataset):
                        for d, shards in enumerate(self.shards)]
         self.blend = BlendSchedule([w for _, w in sources], spec.seed)
         self.bad_shards: List[str] = []
+        self.remote_spec = spec.remote or RemoteSpec()
+        self.has_remote = any(is_remote(s.url) for shards in self.shards for s in shards)
+        if self.has_remote:
+            check_cache_budget(self.remote_spec, [(sh, spec.window_shards) for sh in self.shards])
+        # No global position at or past this is read (prefetch stops there); None: no end.
+        self.end = None if limit is None else spec.start + limit * spec.dp * spec.micro_batch_size
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         worker = get_worker_info()
         wid, workers = (worker.id, worker.num_workers) if worker else (0, 1)
         s = self.spec
-        caches = [_WindowCache(self, d, wid, workers) for d in range(len(self.orders))]
+        remote = RemoteShards(self.remote_spec, self.manifests) if self.has_remote else None
+        caches = [_WindowCache(self, d, wid, workers, remote) for d in range(len(self.orders))]
         k = wid
-        while self.limit is None or k < self.limit:
-            idx = micro_batch_indices(s.start, k, s.dp, s.dp_rank, s.micro_batch_size)
-            rows = [caches[d].get(local) for d, local in map(self.blend.locate, idx.tolist())]
-            yield torch.from_numpy(np.stack(rows).astype(np.int64))  # (micro, seq_len + 1)
-            k += workers
+        try:
+            while self.limit is None or k < self.limit:
+                idx = micro_batch_indices(s.start, k, s.dp, s.dp_rank, s.micro_batch_size)
+                rows = [caches[d].get(local) for d, local in map(self.blend.locate, idx.tolist())]
+                yield torch.from_numpy(np.stack(rows).astype(np.int64))  # (micro, seq_len + 1)
+                k += workers
+        finally:
+            if remote is not None:
+                remote.close()
 
 
 class _WindowCache:
     """The samples of dataset d that one worker owns in the current window of d's order, read
-    when the window is entered; keyed by d's own sample index."""
+    when the window is entered; keyed by d's own sample index. Remote shards of the next
+    windows are prefetched (RemoteShards)."""
 
-    def __init__(self, stream: ShardStream, d: int, wid: int, workers: int):
+    def __init__(self, stream: ShardStream, d: int, wid: int, workers: int,
+                 remote: Optional[RemoteShards]):
         self.stream, self.d, self.wid, self.workers = stream, d, wid, workers
+        self.remote = remote
         self.order = stream.orders[d]
         self.shards = stream.shards[d]
         self.window: Optional[Window] = None
@@ -112,7 +129,8 @@ class _WindowCache:
             self._load(self.order.window_of(g))
         return self.rows[g]
 
-    def _load(self, window: Window) -> None:
+    def _wanted(self, window: Window) -> Dict[int, Dict[int, int]]:
+        """shard -> {sample index in the shard: position} of the samples this worker owns."""
         st, s = self.stream, self.stream.spec
         local = window.start + np.arange(window.size, dtype=np.int64)
         g = st.blend.global_of(self.d, local)
@@ -123,61 +141,60 @@ class _WindowCache:
         wanted: Dict[int, Dict[int, int]] = {}
         for pos, sh, ix in zip(local[t].tolist(), shard_of.tolist(), index_of.tolist()):
             wanted.setdefault(sh, {})[ix] = pos
+        return wanted
+
+    def _remote_jobs(self, wanted: Dict[int, Dict[int, int]]) -> Dict[int, Job]:
+        return {sh: (self.shards[sh], want) for sh, want in wanted.items()
+                if is_remote(self.shards[sh].url)}
+
+    def _load(self, window: Window) -> None:
+        wanted = self._wanted(window)
+        jobs = self._remote_jobs(wanted)
+        got = self.remote.read((self.d, window.epoch, window.index), self.d, jobs) if jobs else {}
+        self._prefetch(window)
+        manifest = self.stream.manifests[self.d]
         self.rows = {}
         missing: List[int] = []
         for sh in window.shards:
             if sh not in wanted:
                 continue
-            got = self._read_shard(sh, wanted[sh])
-            self.rows.update(got)
-            missing += [pos for pos in wanted[sh].values() if pos not in got]
+            if sh not in got:
+                try:
+                    got[sh] = read_shard(self.shards[sh], wanted[sh], manifest)
+                except BadShard as e:
+                    got[sh] = e
+            rows = got[sh]
+            if isinstance(rows, BadShard):
+                self._bad(rows.url, rows.reason)
+                rows = rows.rows
+            self.rows.update(rows)
+            missing += [pos for pos in wanted[sh].values() if pos not in rows]
         if missing:
             self._fill_missing(window, missing)
         self.window = window
 
-    def _read_shard(self, sh: int, want: Dict[int, int]) -> Dict[int, np.ndarray]:
-        """Samples `want` (index in shard -> global position) of shard `sh`. A tar that cannot be
-        read counts as a bad shard; a readable sample with bad tokens is a DataError. A local
-        shard in pretrain-data's layout is read by offset, only the samples wanted; anything
-        else (URLs, pipes, other tars, damage) is streamed whole through webdataset."""
-        st = self.stream
-        info = self.shards[sh]
-        manifest = st.manifests[self.d]
-        if not is_remote(info.url):
-            got = read_by_offset(info, want, manifest)
-            if got is not None:
-                return got
-        out: Dict[int, np.ndarray] = {}
-        samples = iter(wds.tariterators.tarfile_samples([{"url": info.url}]))
-        i = -1
-        while True:
-            try:
-                sample = next(samples)
-            except StopIteration:
-                break
-            except Exception as e:  # truncated or corrupt tar, unreachable URL
-                self._bad(info.url, e)
-                return out
-            i += 1
-            if i in want:
-                if "tokens" not in sample:
-                    raise DataError(f"{info.url}: sample {sample.get('__key__')} has no .tokens member")
-                try:
-                    out[want[i]] = decode_sample(sample["tokens"], manifest)
-                except DataError as e:
-                    raise DataError(f"shard {info.url}, sample {sample.get('__key__')}: {e}") from e
-        if i + 1 != info.samples:
-            self._bad(info.url, DataError(f"holds {i + 1} samples, the manifest says {info.samples}"))
-        return out
+    def _prefetch(self, window: Window) -> None:
+        """Start fetching this worker's samples of the next windows (not past the stream's end)."""
+        if self.remote is None:
+            return
+        w, end = window, self.stream.end
+        for _ in range(self.stream.remote_spec.prefetch_windows):
+            w = self.order.window_of(w.start + w.size)
+            first = int(self.stream.blend.global_of(self.d, np.array([w.start]))[0])
+            if end is not None and first >= end:
+                return
+            jobs = self._remote_jobs(self._wanted(w))
+            if jobs:
+                self.remote.prefetch((self.d, w.epoch, w.index), self.d, jobs)
 
-    def _bad(self, url: str, err: Exception) -> None:
+    def _bad(self, url: str, reason: str) -> None:
         st = self.stream
         if url not in st.bad_shards:
             st.bad_shards.append(url)
-            log.warning("skipping unreadable shard %s (%s); %d bad so far", url, err, len(st.bad_shards))
+            log.warning("skipping unreadable shard %s (%s); %d bad so far", url, reason, len(st.bad_shards))
         if len(st.bad_shards) > st.spec.max_bad_shards:
             raise DataError(
-                f"{len(st.bad_shards)} unreadable shards (last: {url}: {err}); data.max_bad_shards="
+                f"{len(st.bad_shards)} unreadable shards (last: {url}: {reason}); data.max_bad_shards="
                 f"{st.spec.max_bad_shards}. Re-create the shards or raise data.max_bad_shards")
 
     def _fill_missing(self, window: Window, missing: List[int]) -> None:
@@ -187,44 +204,6 @@ class _WindowCache:
             raise DataError(f"every shard of window {window.index} (epoch {window.epoch}) is unreadable")
         for i, pos in enumerate(sorted(missing)):
             self.rows[pos] = self.rows[have[i % len(have)]]
-
-
-def _checksum_ok(header: bytes) -> bool:
-    try:
-        recorded = int(header[148:156].strip(b"\0 ") or b"-1", 8)
-    except ValueError:
-        return False
-    return recorded == tar_checksum(header)
-
-
-def read_by_offset(info: ShardInfo, want: Dict[int, int],
-                   manifest: Manifest) -> Optional[Dict[int, np.ndarray]]:
-    """Samples `want` (index in shard -> global position) of a local shard as pretrain-data
-    writes it: USTAR members `{key:010d}.tokens` of one fixed size, so that member i's header
-    starts at i x (512 + size rounded up to 512). Every header read is checked (name, size and
-    checksum); None when the shard is not in that layout or is damaged (the caller streams it
-    instead, which reports the damage)."""
-    payload = manifest.sample_tokens * manifest.dtype.itemsize
-    stride = member_bytes(payload)
-    size_field = b"%011o\0" % payload  # USTAR: size as 11 octal digits and a NUL
-    out: Dict[int, np.ndarray] = {}
-    try:
-        with open(info.url, "rb", buffering=0) as f:
-            if os.fstat(f.fileno()).st_size < info.samples * stride + 2 * TAR_BLOCK:
-                return None  # truncated: let the stream count it
-            fd = f.fileno()
-            for i in sorted(want):
-                buf = os.pread(fd, TAR_BLOCK + payload, i * stride)
-                if (len(buf) != TAR_BLOCK + payload or buf[124:136] != size_field
-                        or buf[10:18] != b".tokens\0" or not buf[:10].isdigit()
-                        or not _checksum_ok(buf)):
-                    return None
-                out[want[i]] = decode_sample(memoryview(buf)[TAR_BLOCK:], manifest)
-    except OSError:
-        return None
-    except DataError as e:
-        raise DataError(f"shard {info.url}, sample {i}: {e}") from e
-    return out
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)

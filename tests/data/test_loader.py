@@ -187,6 +187,7 @@ def test_blend_respects_weights_and_resumes_exactly(tmp_path):
 def test_shards_open_anywhere_through_a_url_template(indexed_dataset, tmp_path):
     """Manifest and tokenizer local, shards moved elsewhere and read through webdataset's pipe:."""
     from pretrain.config import DataConfig
+    from pretrain.data.remote import RemoteSpec
     from pretrain.data.sources import load_sources
 
     local = _copy(indexed_dataset, tmp_path / "ds")
@@ -197,9 +198,11 @@ def test_shards_open_anywhere_through_a_url_template(indexed_dataset, tmp_path):
         load_sources(DataConfig(path=str(local)))  # without the template the shards are missing
     (manifest, _), = load_sources(cfg)
     assert manifest.split("train").shards[0].url.startswith("pipe:cat ")
-    spec = StreamSpec(manifest, "train", 0, 5, 1, 0, 7, window_shards=2)
+    spec = StreamSpec(manifest, "train", 0, 5, 1, 0, 7, window_shards=2,
+                      remote=RemoteSpec(cache_dir=str(tmp_path / "cache")))
     seq = [sample_index(r, V) for b in make_loader(spec, 0, limit=200) for r in b.numpy()]
     assert sorted(seq) == list(range(1000))
+    assert len(list((tmp_path / "cache" / "shards").glob("*.tar"))) == 7  # fetched by the command
 
 
 def test_workers_ignore_stop_signals_and_close_ends_them(indexed_dataset):
