@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from pretrain.errors import DataError
-from tokenizer import bpe
+import tokenizer.bpe as bpe  # not `from tokenizer import bpe`: that reads a half-imported package
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,9 @@ from tokenizers import Tokenizer
 from pretrain.data.manifest import (FORMAT, MANIFEST_NAME, compute_fingerprint, dtype_for_vocab,
                                     sha256_file)
 from pretrain.errors import ConfigError, DataError, EnvironmentSetupError
-from tokenizer import bpe, encoders
+from pretrain.fsio import atomic_write, part_path
+import tokenizer.bpe as bpe  # not `from tokenizer import`: tokenizer/__init__ imports this module
+import tokenizer.encoders as encoders
 from tokenizer.corpus import (CorpusStats, discover, doc_hash, estimated_text_bytes,
                               input_bytes, read_documents)
 from tokenizer.progress import Progress
@@ -145,10 +147,10 @@ def _write_dataset(cfg: PrepareConfig, files: List[str], out: str,
     t0 = time.perf_counter()
     if reused is None:
         tok = _train_on_sample(files, cfg)
-        _atomic_write(tok_path, tok.to_str(pretty=True).encode())
+        atomic_write(tok_path, tok.to_str(pretty=True).encode())
     else:
         bpe.load_tokenizer(cfg.tokenizer)  # fails early on a file without the EOD token
-        _atomic_write(tok_path, reused)
+        atomic_write(tok_path, reused)
     train_seconds = time.perf_counter() - t0
     log.info("tokenizer %s in %.1f s: %s", "trained" if reused is None else "copied",
              train_seconds, tok_path)
@@ -171,7 +173,7 @@ def _write_dataset(cfg: PrepareConfig, files: List[str], out: str,
                         "smaller --seq-len or a larger --val-fraction", name,
                         splits[name]["dropped_tokens"])
     manifest = _manifest(cfg, out, tok_path, vocab_size, eod, dtype, splits, stats)
-    _atomic_write(os.path.join(out, MANIFEST_NAME), json.dumps(manifest, indent=2).encode() + b"\n")
+    atomic_write(os.path.join(out, MANIFEST_NAME), json.dumps(manifest, indent=2).encode() + b"\n")
     return PrepareResult(manifest, stats, tokens, seconds, train_seconds)
 
 
@@ -349,7 +351,10 @@ def _manifest(cfg: PrepareConfig, out: str, tok_path: str, vocab_size: int, eod:
     }
 
 
-_OURS = (MANIFEST_NAME, TOKENIZER_NAME) + SPLITS + (MANIFEST_NAME + ".tmp", TOKENIZER_NAME + ".tmp")
+# With the writes in progress: `.part` (pretrain.fsio) and `.tmp` (what versions before it left).
+_OURS = (MANIFEST_NAME, TOKENIZER_NAME) + SPLITS + tuple(
+    staged for name in (MANIFEST_NAME, TOKENIZER_NAME)
+    for staged in (part_path(name).name, name + ".tmp"))
 
 
 def _prepare_output(path: str, overwrite: bool) -> str:
@@ -380,12 +385,3 @@ def _remove_ours(out: str) -> None:
 def _read_bytes(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
