@@ -13,13 +13,14 @@ FAIL (exit status 1) with the first difference otherwise. The runs are kept unde
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
+
+from pretrain.tracking import METRICS_FILE, read_metrics
 
 # Overrides this tool sets itself; the same keys given by the user are dropped.
 OWN_KEYS = ("run.dir", "trainer.max_steps", "trainer.checkpoint_every", "trainer.log_every",
@@ -56,9 +57,8 @@ def launch_prefix(nproc: int, launcher: Optional[str]) -> List[str]:
 def losses(run_dir: Path) -> Dict[int, float]:
     """step -> training loss from a run's metrics.jsonl (the last record of a step wins)."""
     out: Dict[int, float] = {}
-    path = run_dir / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        rec = json.loads(line) if line.strip() else {}
+    records = read_metrics(run_dir)[0] if (run_dir / METRICS_FILE).exists() else []
+    for rec in records:
         if rec.get("loss") is not None:
             out[int(rec["step"])] = rec["loss"]
     return out

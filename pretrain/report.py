@@ -10,7 +10,6 @@ marked on the step plots.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from pretrain.errors import PretrainError
-from pretrain.tracking import METRICS_FILE
+from pretrain.tracking import METRICS_FILE, read_metrics
 
 STEADY_AFTER = 10  # steps: throughput and MFU medians leave out the first ones (BENCHMARKS.md)
 
@@ -40,15 +39,9 @@ def load_metrics(run_dir: Path) -> Metrics:
     if not path.is_file():
         raise ReportError(f"{path} does not exist: RUN_DIR must be the run.dir of a training run "
                           f"(it holds config.yaml, metrics.jsonl and checkpoints/)")
-    m, train, val = Metrics(), {}, {}
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            m.bad_lines += 1
-            continue
+    records, bad_lines = read_metrics(run_dir)
+    m, train, val = Metrics(bad_lines=bad_lines), {}, {}
+    for r in records:
         if r.get("event") == "start":
             m.starts.append(r)
         elif "loss" in r:

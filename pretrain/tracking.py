@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import secrets
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from pretrain.config import LoggerConfig
+from pretrain.fsio import atomic_write
 
 log = logging.getLogger("pretrain")
 
@@ -35,6 +35,34 @@ STEP_AXIS = "trainer/step"
 TOKENS_AXIS = "train/tokens_seen"
 # Sent to W&B under the axis names (step, tokens_seen) or not at all (W&B keeps its own time).
 JSONL_ONLY = ("step", "tokens_seen", "time")
+
+
+def read_metrics(run_dir: Path) -> Tuple[List[Dict[str, Any]], int]:
+    """RUN_DIR/metrics.jsonl: its records in the order written, and how many lines were not a
+    record (a line cut short when a job was killed mid-write). Those are skipped wherever they
+    are, not only at the end: the run's next job appends after them. FileNotFoundError when
+    there is no such file."""
+    records, bad = [], 0
+    for line in (Path(run_dir) / METRICS_FILE).read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            bad += 1
+    return records, bad
+
+
+def _ends_mid_line(path: Path) -> bool:
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, 2)
+        return f.read(1) != b"\n"
 
 
 def _clean(value: Any) -> Any:
@@ -62,7 +90,11 @@ class Tracker:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.run_dir / METRICS_FILE, "a", buffering=1)
+        path = self.run_dir / METRICS_FILE
+        cut = _ends_mid_line(path)
+        self._file = open(path, "a", buffering=1)
+        if cut:  # a job killed mid-write: end its line, or this job's first record joins it
+            self._file.write("\n")
 
     # ---- the run id: survives restarts -------------------------------------------------------
     @property
@@ -89,9 +121,7 @@ class Tracker:
         run_id = self.run_id or secrets.token_hex(4)  # not `random`: the run's RNG stays untouched
         path = self.run_dir / ID_FILE
         if not path.exists() or path.read_text().strip() != run_id:
-            tmp = path.with_name(ID_FILE + ".tmp")
-            tmp.write_text(run_id)
-            os.replace(tmp, path)
+            atomic_write(path, run_id)
         return run_id
 
     # ---- W&B -----------------------------------------------------------------------------------

@@ -3,13 +3,14 @@ processes, and read what a run wrote. Multi-rank runs use gloo on CPU."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
+
+from pretrain import tracking
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,8 +48,10 @@ def run_train(overrides: List[str], nproc: int = 1, timeout: float = 300, check:
 
 
 def read_metrics(run_dir: Path) -> List[dict]:
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    """The records of a run that was not killed mid-write: every line is one."""
+    records, bad_lines = tracking.read_metrics(run_dir)
+    assert bad_lines == 0, f"{run_dir}/metrics.jsonl has {bad_lines} line(s) that are no record"
+    return records
 
 
 def train_records(run_dir: Path) -> List[dict]:
