@@ -14,6 +14,9 @@ Sections (each also runs alone, with its own detailed table: python -m bench.ben
   checkpoint  Checkpointer.save/load against torch.save/torch.load of the same state (bench_checkpoint)
   tokenizer   pretrain-data's tokenize + shard writing against HF tokenizers and tiktoken
               (bench_tokenizer's own variants, as it defines them)
+  remote      shards over HTTP from nginx: bytes per epoch per simulated node count and loader
+              tokens/s per rank with 20 ms per request, range and cache modes against
+              wds.WebDataset streaming every shard on every rank (bench_remote_data; needs nginx)
 A section that fails prints its error in the table and the others still run.
 """
 
@@ -181,6 +184,34 @@ def tokenizer_rows(size: str) -> List[Row]:
     return rows
 
 
+def remote_rows(size: str) -> List[Row]:
+    from bench import bench_remote_data as br
+    from tests.helpers.httpd import why_no_nginx
+
+    if why_no_nginx():
+        return [["remote", "skipped", why_no_nginx(), "", "", ""]]
+    res = br.run(shards=_pick(size, 16, 8, 4), shard_mb=_pick(size, 16, 4, 0.25),
+                 seq_len=_pick(size, 2048, 2048, 64), rounds=_pick(size, 3, 2, 1),
+                 dps=_pick(size, (1, 2, 4), (1, 2, 4), (1, 2)),
+                 nodes=_pick(size, (1, 2, 4, 8), (1, 2, 4), (1, 2)))
+    rows: List[Row] = []
+    for mode, target, worst in (("cache", "<= 1.05x per node", max), ("range", "<= 1.10x total", sum)):
+        for n in sorted({n for m, n in res.node_bytes if m == mode}):
+            ours = worst(res.node_bytes[mode, n]) / res.dataset_bytes
+            peer = worst(res.node_bytes[br.PEER, n]) / res.dataset_bytes
+            what = "per node" if worst is max else "all nodes"
+            rows.append(["remote", f"bytes/epoch / dataset, {mode}, {n} node(s) x 2 ranks, {what}",
+                         f"{ours:.3f}x", f"{peer:.3g}x", f"{peer / ours:.2f}x fewer", target])
+    for (variant, dp) in sorted(res.timings, key=lambda k: (k[1], k[0])):
+        if variant == br.PEER:
+            continue
+        rows.append(["remote", f"M tokens/s per rank, {variant[6:]}, DP={dp}, "
+                               f"{res.latency_ms:g} ms/request", f"{res.rate(variant, dp) / 1e6:.3g}",
+                     f"{res.rate(br.PEER, dp) / 1e6:.3g}", str(res.ratio(variant, dp)),
+                     ">= 5M per rank"])
+    return rows
+
+
 # The order of the table; each entry takes one of SIZES and returns its rows.
 SECTIONS: Dict[str, Callable[[str], List[Row]]] = {
     "step": step_rows,
@@ -188,6 +219,7 @@ SECTIONS: Dict[str, Callable[[str], List[Row]]] = {
     "loader": loader_rows,
     "checkpoint": checkpoint_rows,
     "tokenizer": tokenizer_rows,
+    "remote": remote_rows,
 }
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import http.client
 import http.server
-import os
 import shutil
 import signal
 import socket
@@ -207,7 +206,6 @@ class Proxy:
         headers = {k: v for k, v in h.headers.items() if k.lower() in self.forwarded}
         conn.request("GET", h.path, headers=headers)
         resp = conn.getresponse()
-        body = resp.read()
         with self.lock:
             pending = self.cuts.get(h.path.split("?", 1)[0])
             after = pending.pop(0) if pending else None
@@ -216,18 +214,39 @@ class Proxy:
             if k.lower() not in ("connection", "keep-alive", "server", "date"):
                 h.send_header(k, v)
         h.end_headers()
+        left = after
         try:
-            if after is None:
-                h.wfile.write(body)
-                return
-            h.wfile.write(body[:after])
-            h.wfile.flush()
-            h.close_connection = True
-            h.connection.shutdown(socket.SHUT_RDWR)
+            while True:
+                block = resp.read(1 << 20 if left is None else min(1 << 20, left))
+                if not block:
+                    break
+                h.wfile.write(block)
+                if left is not None:
+                    left -= len(block)
+                    if not left:
+                        break
+            if after is not None:  # drop the connection in mid-transfer
+                resp.read()
+                h.wfile.flush()
+                h.close_connection = True
+                h.connection.shutdown(socket.SHUT_RDWR)
         except OSError:  # the client hung up first (it stops reading a body it does not want)
             h.close_connection = True
+            conn.close()
+            h.upstream_conn = None
 
 
-def serve(root: Path, workdir: Path) -> Nginx:
-    os.makedirs(workdir, exist_ok=True)
-    return Nginx(root, workdir).start()
+def main() -> None:
+    """`python -m tests.helpers.httpd UPSTREAM DELAY_S`: a Proxy in a process of its own (so
+    that its copying does not share a GIL with what is measured); prints its URL, serves until
+    stdin closes."""
+    import sys
+
+    proxy = Proxy(sys.argv[1], float(sys.argv[2])).start()
+    print(proxy.url, flush=True)
+    sys.stdin.read()
+    proxy.stop()
+
+
+if __name__ == "__main__":
+    main()
