@@ -55,11 +55,11 @@ class FetchError(BadShard):
 
 
 class RangesIgnored(FetchError):
-    """The server answered a Range request with the whole file: it does not serve ranges."""
+    """The server does not serve what a multi-range request asks: it answered with the whole file
+    (no Range support), or with one range only (object stores serve one range per request)."""
 
-    def __init__(self, url: str):
-        super().__init__(url, "the server ignores Range requests (answered 200 with the whole "
-                              "shard)", permanent=True)
+    def __init__(self, url: str, how: str = "answered 200 with the whole shard"):
+        super().__init__(url, f"the server ignores Range requests ({how})", permanent=True)
 
 
 class Stopped(Exception):
@@ -250,6 +250,8 @@ def _range_request(url: str, ranges: Sequence[Span], total: int,
         start, end = _content_range(resp.getheader("Content-Range"), url, total)
         if len(body) != end - start:
             raise FetchError(url, f"a {len(body)}-byte part for the range {start}-{end - 1}")
+        if start > ranges[0][0] or end < ranges[-1][1]:  # not all of them (ranges are sorted)
+            raise RangesIgnored(url, f"answered {len(ranges)} ranges with one")
         return [(start, body)]
     finally:
         if not resp.isclosed():

@@ -156,15 +156,18 @@ def test_a_shard_truncated_on_the_server_is_bad(mode, nginx, wide_dataset, www, 
     assert "the manifest says" in caplog.text or "HTTP 416" in caplog.text
 
 
-def test_a_server_without_ranges_is_read_through_the_cache(nginx, wide_dataset, wide_www,
-                                                           tmp_path, caplog):
-    proxy = Proxy(nginx.url, ranges=False).start()
+@pytest.mark.parametrize("ranges", ["none", "first"])
+def test_a_server_without_multipart_ranges_is_read_through_the_cache(ranges, nginx, wide_dataset,
+                                                                     wide_www, tmp_path, caplog):
+    proxy = Proxy(nginx.url, ranges=ranges).start()
     try:
         m = Manifest.load(wide_dataset).with_shard_urls(f"{proxy.url}/{wide_www}/{{path}}")
-        got = _lockstep([_spec(m, 1, 0, 0, _remote("range", tmp_path / "c"))], 50, workers=0)
+        # 2 ranks: a rank's samples of a shard are scattered, a request asks for many ranges
+        got = _lockstep([_spec(m, 2, r, 0, _remote("range", tmp_path / "c")) for r in range(2)],
+                        25, workers=0)
     finally:
         proxy.stop()
-    np.testing.assert_array_equal(got, _local(wide_dataset, 1, 0, 50))
+    np.testing.assert_array_equal(got, _local(wide_dataset, 2, 0, 25))
     assert "ignores Range requests" in caplog.text
     assert len(list((tmp_path / "c" / "shards").glob("*.tar"))) == 4  # the 2 windows read
 

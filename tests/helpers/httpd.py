@@ -156,13 +156,14 @@ class Nginx:
 class Proxy:
     """A forwarding HTTP proxy on 127.0.0.1 in front of `upstream`: each request waits `delay_s`
     (the latency of a distant store), `cut(path, after, times)` makes the next `times` answers
-    for `path` stop after `after` body bytes, the connection closed (a dropped transfer), and
-    ranges=False drops Range headers (a server without Range support answers 200, whole)."""
+    for `path` stop after `after` body bytes, the connection closed (a dropped transfer).
+    ranges="none" drops Range headers (a server without Range support answers 200, whole);
+    ranges="first" keeps the first range of a multi-range request (as S3 serves one range)."""
 
-    def __init__(self, upstream: str, delay_s: float = 0.0, ranges: bool = True):
+    def __init__(self, upstream: str, delay_s: float = 0.0, ranges: str = "all"):
         self.upstream = upstream.split("://", 1)[1]
         self.delay_s = delay_s
-        self.forwarded = ("range", "user-agent") if ranges else ("user-agent",)
+        self.ranges = ranges
         self.cuts: Dict[str, List[int]] = {}
         self.lock = threading.Lock()
         proxy = self
@@ -203,7 +204,10 @@ class Proxy:
         conn = getattr(h, "upstream_conn", None)
         if conn is None:
             conn = h.upstream_conn = http.client.HTTPConnection(self.upstream, timeout=60)
-        headers = {k: v for k, v in h.headers.items() if k.lower() in self.forwarded}
+        headers = {k: v for k, v in h.headers.items() if k.lower() == "user-agent"}
+        if h.headers.get("Range") and self.ranges != "none":
+            value = h.headers["Range"]
+            headers["Range"] = value.split(",")[0] if self.ranges == "first" else value
         conn.request("GET", h.path, headers=headers)
         resp = conn.getresponse()
         with self.lock:
