@@ -81,18 +81,19 @@ def _dir_mb(path: Path) -> float:
 
 def run(shape: Shape, rounds: int = 7, workdir: Optional[str] = None) -> CheckpointResult:
     from pretrain.checkpoint import Checkpointer
-    from pretrain.engine import build_engine
+    from pretrain.client_state import ClientState
     from pretrain.model.gpt import GPT
+    from pretrain.step import build_step_module
 
     quiet()
     cfg = our_config(shape, Ours())
     dist = cpu_dist()
     model = GPT(cfg.model, cfg.model.padded_vocab_size(1), 1, "cpu")
-    engine = build_engine(model, cfg, dist)
+    module = build_step_module(model, cfg, dist)
+    engine = module.engine
     tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq + 1))
-    loss = engine(tokens)  # one step, so that the optimizer holds its moments
-    engine.backward(loss)
-    engine.step()
+    # One step, so that the optimizer holds its moments.
+    module.train_step(iter([tokens]), 1, veto=lambda loss: None)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_checkpoint_", dir=workdir))
     try:
@@ -103,7 +104,7 @@ def run(shape: Shape, rounds: int = 7, workdir: Optional[str] = None) -> Checkpo
 
         def ours() -> None:
             count["ours"] += 1
-            ckpt.save(engine, count["ours"], {"trainer_state": {"step": count["ours"]}})
+            ckpt.save(module, count["ours"], ClientState(trainer={"trainer": {"step": count["ours"]}}))
 
         def peer(durable: bool):
             def save() -> None:
@@ -138,7 +139,7 @@ def run(shape: Shape, rounds: int = 7, workdir: Optional[str] = None) -> Checkpo
                     engine.optimizer.load_state_dict([state["optimizer"]])
             return load
 
-        load_timings = interleave({"ours": lambda: ckpt.load(engine, newest),
+        load_timings = interleave({"ours": lambda: ckpt.load(module, newest),
                                    LOAD_PEERS[0]: peer_load(False),
                                    LOAD_PEERS[1]: peer_load(True)},
                                   rounds=rounds, warmup=1)

@@ -3,7 +3,7 @@
     python -m bench.bench_step [--shape baby|mini|both] [--threads 1] [--rounds 7] [--ablate]
 
 Ours: megatron-core GPT (`pretrain.model.gpt.GPT`) inside the DeepSpeed engine
-(`pretrain.engine.build_engine`: ZeRO 1, fp32, one gloo rank), one step = forward +
+(`pretrain.step.deepspeed_engine.build_engine`: ZeRO 1, fp32, one gloo rank), one step = forward +
 engine.backward + engine.step, as `Trainer.train_step` does it. Peer: `transformers.GPT2LMHeadModel`
 built from `GPT2Config(n_embd, n_layer, n_head, n_positions, vocab_size)` in its default
 configuration (SDPA attention, tanh-GeLU, dropout 0.1), loss through `labels=`, `torch.optim.AdamW`
@@ -94,7 +94,7 @@ def our_config(shape: Shape, ours: Ours):
 
 def build_ours(shape: Shape, ours: Ours, tokens: torch.Tensor) -> Callable[[], float]:
     """Our step on `tokens` (batch, seq + 1), built as pretrain.builders.build_run builds it."""
-    from pretrain.engine import build_engine, build_optimizer
+    from pretrain.step.deepspeed_engine import build_engine, build_optimizer
     from pretrain.model.gpt import GPT
 
     quiet()
@@ -133,7 +133,7 @@ def build_peer(shape: Shape, tokens: torch.Tensor, dropout: Optional[float] = No
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from pretrain.config import OptimizerConfig
-    from pretrain.engine import param_groups
+    from pretrain.step.optim import param_groups
 
     quiet()
     torch.manual_seed(seed)

@@ -90,7 +90,7 @@ def configure(preset: str, device: str, tiny: bool, micro: Optional[int], max_mi
 def run(preset: str, tiny: bool = False, steps: Optional[int] = None, warmup: Optional[int] = None,
         micro: Optional[int] = None, max_micro: int = 32, compile_model: bool = False,
         recompute: Optional[str] = None, extra: Optional[List[str]] = None) -> ThroughputResult:
-    from pretrain.engine import build_engine
+    from pretrain.step.deepspeed_engine import build_engine
     from pretrain.model.flops import flops_per_token, peak_flops
     from pretrain.model.gpt import GPT
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -15,24 +15,25 @@ from pretrain.callbacks.preemption import PreemptionCallback
 from pretrain.callbacks.stability import StabilityCallback
 from pretrain.callbacks.watchdog import Watchdog
 from pretrain.checkpoint import Checkpointer
+from pretrain.client_state import ClientState
 from pretrain.config import Config
 from pretrain.data.loader import StreamSpec, make_loader
 from pretrain.data.remote import remote_spec
 from pretrain.data.sources import Sources, fingerprint
 from pretrain.dist import Dist
-from pretrain.engine import build_engine
 from pretrain.model.fallbacks import log_fallbacks
 from pretrain.model.gpt import GPT, count_parameters
 from pretrain.model.flops import flops_per_token, peak_flops
 from pretrain import reshard
 from pretrain.plan import count_params
+from pretrain.step import StepModule, build_step_module
 from pretrain.tracking import Tracker
 from pretrain.trainer import Trainer
 
 
 @dataclass
 class Run:
-    engine: Any
+    module: StepModule
     trainer: Trainer
     tracker: Tracker
     checkpointer: Checkpointer
@@ -58,18 +59,19 @@ def device_peak(cfg: Config, dist: Dist) -> Tuple[Optional[str], Optional[float]
     return name, peak_flops(name)
 
 
-def build_run(cfg: Config, dist: Dist, sources: Sources, run_layout: reshard.Layout,
-              run_dir: Path, load_universal: bool = False) -> Run:
-    """load_universal: the engine will load a universal checkpoint (a resume at another layout)."""
+def build_run(cfg: Config, dist: Dist, sources: Sources, run_dir: Path,
+              load_universal: bool = False) -> Run:
+    """dist.layout is the run's (Config.layout with the dataset's vocabulary). load_universal:
+    the step module will load a universal checkpoint (a resume at another layout)."""
     manifest = sources[0][0]
-    layout = cfg.layout(dist.world_size)
-    padded = run_layout.padded_vocab_size
+    layout = dist.layout
+    padded = layout.padded_vocab_size
     log_fallbacks(cfg.model.normalization, dist.device_type)
-    model = GPT(cfg.model, padded, dist.tp, dist.device_type).to(dist.device)
+    model = GPT(cfg.model, padded, layout.tp, dist.device_type).to(dist.device)
     n_params = count_parameters(model)
     if cfg.trainer.compile:
         model = torch.compile(model)
-    engine = build_engine(model, cfg, dist, load_universal)
+    module = build_step_module(model, cfg, dist, load_universal)
     tracker = Tracker(run_dir, cfg.logger, cfg.to_dict(), enabled=dist.is_main,
                       run_name=cfg.run.name or run_dir.name)
     device_name, peak = device_peak(cfg, dist)
@@ -78,12 +80,11 @@ def build_run(cfg: Config, dist: Dist, sources: Sources, run_layout: reshard.Lay
                            "params_per_tp_rank": n_params, "padded_vocab_size": padded,
                            "flops_per_token": fpt, "device": device_name or dist.device_type,
                            "peak_tflops_per_device": peak / 1e12 if peak else None,
-                           "world_size": dist.world_size, **layout})
+                           "world_size": dist.world_size, **layout.batch_sizes()})
     checkpointer = Checkpointer(run_dir / "checkpoints", dist, cfg.trainer.keep_last,
                                 cfg.trainer.seed)
-    resharding = reshard.client_state(engine.module, run_layout, cfg.model.activation == "swiglu")
+    merge_rules = reshard.universal_info(module.module, padded, cfg.model.activation == "swiglu")
     pin = dist.device_type == "cuda"
-    train_split = manifest.split("train")
 
     def make_batches(consumed: int):
         spec = data_spec(cfg, dist, sources, "train", consumed)
@@ -102,13 +103,15 @@ def build_run(cfg: Config, dist: Dist, sources: Sources, run_layout: reshard.Lay
         callbacks.append(EvalCallback(cfg.trainer.eval_every, make_val_batches, tracker))
     extra_files = {"config.yaml": run_dir / "config.yaml", "data.yaml": run_dir / "data.yaml",
                    "tokenizer.json": Path(manifest.tokenizer_path)}
-    trainer = Trainer(engine, dist, cfg.trainer.max_steps, layout["micro_batch_size"],
-                      layout["grad_accum"], manifest.seq_len, make_batches, callbacks)
+    trainer = Trainer(module, dist, layout, cfg.trainer.max_steps, manifest.seq_len, make_batches,
+                      callbacks)
+    data_fingerprint = fingerprint(sources)
 
-    def client_state(tr: Trainer) -> Dict[str, Any]:
-        return {"trainer_state": tr.state_dict(), **tracker.state_dict(),  # wandb_id
-                "data": {"consumed_samples": tr.state.consumed_samples,
-                         "fingerprint": fingerprint(sources)}, **resharding}
+    def client_state(tr: Trainer) -> ClientState:
+        return ClientState(trainer=tr.state_dict(), consumed_samples=tr.state.consumed_samples,
+                           data_fingerprint=data_fingerprint,
+                           wandb_id=tracker.state_dict().get("wandb_id"), layout=layout,
+                           universal_info=merge_rules)
 
     callbacks.append(CheckpointCallback(checkpointer, cfg.trainer.checkpoint_every,
                                         cfg.trainer.checkpoint_every_min, client_state, extra_files))
@@ -117,4 +120,4 @@ def build_run(cfg: Config, dist: Dist, sources: Sources, run_layout: reshard.Lay
     callbacks.insert(-1, StabilityCallback(cfg.stability, checkpointer))
     callbacks.append(Watchdog(60 * cfg.trainer.watchdog_min, 60 * cfg.parallel.timeout_min,
                               run_dir / "stacks"))
-    return Run(engine, trainer, tracker, checkpointer)
+    return Run(module, trainer, tracker, checkpointer)

@@ -29,7 +29,6 @@ export.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -38,14 +37,17 @@ import random
 import re
 import shutil
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from pretrain import faults
+from pretrain.client_state import ClientState
 from pretrain.errors import CheckpointError
-from pretrain.safe_load import numpy_array_classes, safe_load, weights_only_loads
+from pretrain.fsio import atomic_write
+from pretrain.layout import Layout
+from pretrain.safe_load import numpy_array_classes, safe_load
 
 log = logging.getLogger(__name__)
 
@@ -61,19 +63,6 @@ LOW_SPACE = 64 * 2**20
 
 def step_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _fsync_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".part")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # e.g. a full disk: leave nothing half-written behind
-        raise
 
 
 def committed(root: Path) -> List[Path]:
@@ -145,8 +134,6 @@ def damaged(path: Path) -> Optional[str]:
         if (path / TRAINER).exists():
             read_json(path / TRAINER)
         if (path / LAYOUT).exists():
-            from pretrain.reshard import Layout  # reshard imports this module
-
             Layout.from_file(path / LAYOUT)
     except CheckpointError as e:
         return str(e)
@@ -241,90 +228,6 @@ def reseed_value(seed: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, step]).generate_state(1)[0] % 2**31)
 
 
-# ---- around DeepSpeed's save and load ----------------------------------------------------------
-def _repair_optimizer(optimizer: torch.optim.Optimizer, decay: List[float]) -> None:
-    """Undo two faults of DeepSpeed 0.19.8's ZeRO-3 universal load (harmless elsewhere): it gives
-    every param group group 0's hyperparameters (biases and norms would be decayed), and one
-    shared `step` tensor to every group's state, which Adam then advances once per group per
-    step (wrong bias correction; the loss drifts ~1e-4 within a step)."""
-    for group, wd in zip(optimizer.param_groups, decay):
-        group["weight_decay"] = wd
-    for state in optimizer.state.values():
-        if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].clone()
-
-
-@contextlib.contextmanager
-def _patched(obj, name: str, value):
-    """obj.name = value for the duration, as an instance attribute; then the class's attribute
-    again (or the instance attribute DeepSpeed had set itself)."""
-    own = vars(obj).get(name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        if own is None:
-            delattr(obj, name)
-        else:
-            setattr(obj, name, own)
-
-
-@contextlib.contextmanager
-def _model_file_read_once(engine, reuse: bool):
-    """DeepSpeed's load_checkpoint reads the model-states file twice: first in
-    SDLoaderBase.check_ckpt_list, only to compare its mp_world_size, then for real. On the
-    tensor-parallel rank 0, whose real read is that same first file, the first read is handed back
-    instead of reading it again (a resume of a large model reads gigabytes less per rank). Other
-    ranks read another file for real: nothing is kept for them."""
-    ce = getattr(engine, "checkpoint_engine", None)
-    original = getattr(ce, "load", None)
-    if not reuse or original is None:
-        yield
-        return
-    first: Dict[str, Any] = {}
-    calls = 0
-
-    def load(path, *args, **kwargs):
-        nonlocal calls
-        calls += 1
-        if str(path) in first:
-            return first.pop(str(path))
-        sd = original(path, *args, **kwargs)
-        if calls == 1:  # check_ckpt_list's read
-            first[str(path)] = sd
-        return sd
-
-    with _patched(ce, "load", load):
-        try:
-            yield
-        finally:
-            first.clear()
-
-
-def _save_engine(engine, root: Path, tag: str, client_state: Dict[str, Any]) -> None:
-    """engine.save_checkpoint, where a write that fails on one rank strands no other: DeepSpeed
-    0.19.8's save ends in a barrier, which a rank whose write raised (a full disk) would skip,
-    leaving the others in it until the collective timeout. Its checkpoint engine's writes and rank
-    0's copy of its recovery scripts record their failure instead, the save runs on to its
-    barrier, and the first failure is raised after."""
-    failures: List[BaseException] = []
-
-    def deferred(write: Callable) -> Callable:
-        def call(*args, **kwargs):
-            try:
-                return write(*args, **kwargs)
-            except Exception as e:
-                failures.append(e)
-        return call
-
-    ce = engine.checkpoint_engine
-    with _patched(ce, "save", deferred(ce.save)), \
-            _patched(engine, "_copy_recovery_script", deferred(engine._copy_recovery_script)):
-        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    if failures:
-        raise failures[0]
-
-
 # ---- failures, in words --------------------------------------------------------------------------
 def _free_bytes(path: Path) -> Optional[int]:
     for where in (Path(path), *Path(path).parents):
@@ -359,10 +262,11 @@ class Checkpointer:
         self.keep_last = keep_last
         self.seed = seed
 
-    def save(self, engine, step: int, client_state: Dict[str, Any],
+    def save(self, module, step: int, state: ClientState,
              extra_files: Optional[Dict[str, Path]] = None) -> Path:
-        """Collective: every rank calls it. Returns the committed directory; a failure on any rank
-        is a CheckpointError on every rank."""
+        """Collective: every rank calls it with the step module (pretrain.step) whose engine state
+        to save. Returns the committed directory; a failure on any rank is a CheckpointError on
+        every rank."""
         name = step_name(step)
         tmp = self.root / (name + ".tmp")
         final = self.root / name
@@ -372,7 +276,7 @@ class Checkpointer:
         self.dist.barrier()
         error: Optional[BaseException] = None
         try:
-            _save_engine(engine, self.root, tmp.name, client_state)
+            module.save(self.root, tmp.name, state.to_dict())
             torch.save(rng_state(), tmp / f"rng_rank{self.dist.rank:05d}.pt")
             if faults.active("crash_in_save", step, self.dist.rank):
                 raise faults.InjectedFault(f"injected failure after rank {self.dist.rank} wrote")
@@ -385,7 +289,7 @@ class Checkpointer:
                                   f"removed at the next start") from error
         if self.dist.is_main:
             try:
-                self._commit(tmp, final, step, client_state, extra_files or {})
+                self._commit(tmp, final, step, state, extra_files or {})
             except Exception as e:  # rank 0's alone: the others learn of it below, not by timeout
                 error = e
         failed = self._agree(error)
@@ -412,19 +316,19 @@ class Checkpointer:
         latest = find_latest(self.root)
         return f"{latest.name} stays the latest checkpoint" if latest else "no earlier one exists"
 
-    def _commit(self, tmp: Path, final: Path, step: int, client_state: Dict[str, Any],
+    def _commit(self, tmp: Path, final: Path, step: int, state: ClientState,
                 extra_files: Dict[str, Path]) -> None:
         """Rank 0, once every rank's files are on disk: FILES, the marker, the rename, `latest`."""
         for dst, src in extra_files.items():
             shutil.copyfile(src, tmp / dst)
-        _fsync_write(tmp / TRAINER, json.dumps(client_state.get("trainer_state", {})))
-        if "layout" in client_state:
-            _fsync_write(tmp / LAYOUT, json.dumps(client_state["layout"]))
+        atomic_write(tmp / TRAINER, json.dumps(state.trainer))
+        if state.layout is not None:
+            atomic_write(tmp / LAYOUT, json.dumps(state.layout.to_json()))
         shutil.rmtree(universal_dir(final), ignore_errors=True)  # made from the step replaced
-        _fsync_write(tmp / FILES, json.dumps(file_sizes(tmp), indent=0))
+        atomic_write(tmp / FILES, json.dumps(file_sizes(tmp), indent=0))
         if faults.active("enospc_in_commit", step, self.dist.rank):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / MARKER))
-        _fsync_write(tmp / MARKER, final.name)
+        atomic_write(tmp / MARKER, final.name)
         if final.exists():  # re-saving a step (e.g. after resume_from an older one)
             old = self.root / (final.name + ".replaced.tmp")
             shutil.rmtree(old, ignore_errors=True)
@@ -433,7 +337,7 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_write(self.root / "latest", final.name)
+        atomic_write(self.root / "latest", final.name)
 
     def _prune(self, keep: Path) -> None:
         found = committed(self.root)
@@ -442,28 +346,17 @@ class Checkpointer:
                 shutil.rmtree(universal_dir(old), ignore_errors=True)
                 shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, engine, path: Path, load_optimizer: bool = True) -> Dict[str, Any]:
-        """Collective. Loads engine (model, optimizer, LR schedule) and this rank's RNG state;
-        returns the client state saved with it. `path` may be a universal form (pretrain.reshard),
-        for an engine built with "load_universal". Every file is read weights-only."""
+    def load(self, module, path: Path, load_optimizer: bool = True) -> ClientState:
+        """Collective. Loads the step module's engine state (model, optimizer, LR schedule) and
+        this rank's RNG state; returns the client state saved with it. `path` may be a universal
+        form (pretrain.reshard), for a module built to load one. Every file is read weights-only."""
         path = Path(path)
         if not (path / MARKER).exists():
             raise CheckpointError(f"{path} has no {MARKER} marker: it is an incomplete save; "
                                   f"point trainer.resume_from at a committed checkpoint")
-        base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer
-        decay = [g["weight_decay"] for g in base.param_groups]
-        try:
-            with weights_only_loads(), _model_file_read_once(engine, self.dist.tp_rank == 0):
-                loaded, client = engine.load_checkpoint(
-                    str(path.parent), tag=path.name, load_optimizer_states=load_optimizer,
-                    load_lr_scheduler_states=load_optimizer, load_module_strict=True)
-        except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
-            raise CheckpointError(f"cannot load {path}: {e}") from e
-        if loaded is None:
-            raise CheckpointError(f"DeepSpeed found no checkpoint files in {path}")
-        _repair_optimizer(base, decay)
+        raw = module.load(path, load_optimizer)
         self._load_rng(path)
-        return client or {}
+        return ClientState.from_dict(raw, str(path))
 
     def _load_rng(self, path: Path) -> None:
         """This rank's saved RNG state when the checkpoint was saved at this layout; otherwise

@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 from pretrain.errors import ConfigError
+from pretrain.layout import Layout
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
@@ -183,10 +184,6 @@ class DataConfig:
         _check(self.fetch_retries >= 0, "data.fetch_retries", "must be >= 0")
         _check(self.fetch_backoff_s >= 0, "data.fetch_backoff_s", "must be >= 0")
         _check(self.fetch_timeout_s > 0, "data.fetch_timeout_s", "must be positive")
-
-    @property
-    def paths_and_weights(self) -> List[Tuple[str, float]]:
-        return [(self.path, self.weight)] + list(zip(self.blend, self.blend_weights))
 
 
 @dataclass
@@ -396,19 +393,17 @@ class Config:
             self.layout(world_size)
         return self
 
-    def layout(self, world_size: int) -> Dict[str, int]:
-        """Data-parallel size and gradient accumulation for a world; errors name the setting."""
-        tp = self.parallel.tp
-        _check(world_size % tp == 0, "parallel.tp",
-               f"tp={tp} does not divide the world size {world_size}; launch a multiple of tp ranks")
-        dp = world_size // tp
-        micro = self.trainer.micro_batch_size
-        gbs = self.trainer.global_batch_size or micro * dp
-        _check(gbs % (micro * dp) == 0, "trainer.global_batch_size",
-               f"{gbs} is not divisible by micro_batch_size x data-parallel size = {micro} x {dp}; "
-               f"use a multiple of {micro * dp}")
-        return {"tp": tp, "dp": dp, "micro_batch_size": micro, "global_batch_size": gbs,
-                "grad_accum": gbs // (micro * dp)}
+    def layout(self, world_size: int, vocab_size: Optional[int] = None,
+               saved: Optional[Layout] = None) -> Layout:
+        """The parallel layout of `world_size` processes under these settings (the one place they
+        map to it); ConfigError naming the setting when it cannot be. vocab_size: the tokenizer's,
+        for the embedding rows; saved: the layout of the checkpoint being resumed."""
+        par, tr = self.parallel, self.trainer
+        return Layout.build(world_size, tp=par.tp, zero_stage=par.zero_stage,
+                            micro_batch_size=tr.micro_batch_size,
+                            global_batch_size=tr.global_batch_size,
+                            vocab_size=vocab_size,
+                            vocab_multiple=self.model.make_vocab_size_divisible_by, saved=saved)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,15 +1,17 @@
-"""The one object that knows the parallel layout: world, ranks, TP/DP degrees, device, groups.
+"""The one object that knows this process's place in the run: rank, world, device, groups.
 
 `Dist.from_env(parallel_cfg)` only reads and checks (no process group), so a bad layout fails
 before anything starts. `dist.initialize()` then starts torch.distributed (through DeepSpeed),
-megatron's parallel_state with the TP degree, and the seeds.
+megatron's parallel_state with the layout's degrees, and the seeds.
 
-Rank layout (megatron's): TP groups are consecutive ranks, so tp_rank = rank % tp and
-dp_rank = rank // tp; with world 4 and tp 2 the TP groups are {0,1},{2,3}, DP groups {0,2},{1,3}.
+The degrees and the rank arithmetic are the layout's (pretrain.layout.Layout, megatron's order:
+TP groups are consecutive ranks); `with_layout` gives a Dist the run's full layout once the
+dataset's vocabulary is known.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -22,6 +24,7 @@ import torch
 
 from pretrain.config import ParallelConfig
 from pretrain.errors import ConfigError, EnvironmentSetupError
+from pretrain.layout import Layout
 from pretrain.launcher_env import ProcessEnv, read_process_env
 
 log = logging.getLogger("pretrain")
@@ -30,7 +33,7 @@ log = logging.getLogger("pretrain")
 @dataclass
 class Dist:
     env: ProcessEnv
-    tp: int
+    layout: Layout
     device_type: str  # cpu | cuda
     backend: str  # gloo | nccl
     init_timeout: timedelta = timedelta(minutes=30)
@@ -38,12 +41,16 @@ class Dist:
 
     # ---- construction (no side effects) -------------------------------------------------------
     @classmethod
-    def from_env(cls, parallel: ParallelConfig, env: Optional[Mapping[str, str]] = None) -> "Dist":
+    def from_env(cls, parallel: ParallelConfig, env: Optional[Mapping[str, str]] = None,
+                 layout: Optional[Layout] = None) -> "Dist":
+        """layout: the run's (Config.layout); by default the degrees of `parallel` alone."""
         penv = read_process_env(os.environ if env is None else env)
-        if penv.world_size % parallel.tp != 0:
-            raise ConfigError(
-                f"parallel.tp: tp={parallel.tp} does not divide the world size {penv.world_size}; "
-                f"launch a multiple of {parallel.tp} processes or change parallel.tp")
+        if layout is None:
+            layout = Layout.build(penv.world_size, tp=parallel.tp, zero_stage=parallel.zero_stage,
+                                  micro_batch_size=1, global_batch_size=None)
+        if layout.world_size != penv.world_size:
+            raise ConfigError(f"parallel.tp: the layout ({layout}) needs {layout.world_size} "
+                              f"processes but {penv.world_size} were launched")
         device = parallel.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -56,7 +63,16 @@ class Dist:
             backend = "nccl" if device == "cuda" else "gloo"
         if backend == "nccl" and device != "cuda":
             raise ConfigError("parallel.backend: nccl needs parallel.device=cuda; use gloo on CPU")
-        return cls(penv, parallel.tp, device, backend, timedelta(minutes=parallel.init_timeout_min))
+        return cls(penv, layout, device, backend, timedelta(minutes=parallel.init_timeout_min))
+
+    def with_layout(self, layout: Layout) -> "Dist":
+        """This Dist with the run's full layout (before initialize: the degrees must not change)."""
+        if self.initialized and (layout.tp, layout.pp) != (self.layout.tp, self.layout.pp):
+            raise ConfigError("the parallel degrees cannot change once the process groups exist")
+        if layout.world_size != self.world_size:
+            raise ConfigError(f"parallel.tp: the layout ({layout}) needs {layout.world_size} "
+                              f"processes but {self.world_size} were launched")
+        return dataclasses.replace(self, layout=layout)
 
     # ---- layout arithmetic --------------------------------------------------------------------
     @property
@@ -72,16 +88,20 @@ class Dist:
         return self.env.local_rank
 
     @property
+    def tp(self) -> int:
+        return self.layout.tp
+
+    @property
     def dp(self) -> int:
-        return self.world_size // self.tp
+        return self.layout.dp
 
     @property
     def tp_rank(self) -> int:
-        return self.rank % self.tp
+        return self.layout.tp_rank(self.rank)
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // self.tp
+        return self.layout.dp_rank(self.rank)
 
     @property
     def is_main(self) -> bool:
@@ -121,7 +141,8 @@ class Dist:
             deepspeed.init_distributed(dist_backend=self.backend, timeout=self.init_timeout,
                                        auto_mpi_discovery=False, verbose=False)
         if not parallel_state.model_parallel_is_initialized():
-            parallel_state.initialize_model_parallel(tensor_model_parallel_size=self.tp)
+            parallel_state.initialize_model_parallel(tensor_model_parallel_size=self.layout.tp,
+                                                     pipeline_model_parallel_size=self.layout.pp)
         self.initialized = True
         self.seed(seed)
         return self

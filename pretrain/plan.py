@@ -17,11 +17,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from pretrain.config import Config, ModelConfig
 from pretrain.errors import ConfigError
+from pretrain.layout import Layout
 from pretrain.model.flops import flops_per_token, peak_flops
+
+if TYPE_CHECKING:
+    from pretrain.data.manifest import Manifest
 
 GIB = float(1 << 30)
 # Of cluster.gpu_memory_gb only this fraction is planned for: the rest is left to the CUDA
@@ -154,16 +158,18 @@ class DeepSpeedBuffers:
         return self.master_copy + self.reduce_buckets + self.gathered_weights
 
 
-def deepspeed_buffers(cfg: Config, world: int, zero_stage: int,
+def deepspeed_buffers(cfg: Config, layout: Layout, zero_stage: int,
                       params: ParamCount) -> DeepSpeedBuffers:
-    from pretrain.engine import deepspeed_config
+    """What the engine of a GPU job at `layout` would hold besides the model states, at
+    `zero_stage`, read from the DeepSpeed config it would be given."""
+    from pretrain.step.deepspeed_engine import deepspeed_config
 
-    precision, tp = cfg.trainer.precision, cfg.parallel.tp
-    dp = world // tp
+    precision, dp = cfg.trainer.precision, layout.dp
     staged = dataclasses.replace(cfg, parallel=dataclasses.replace(
         cfg.parallel, zero_stage=zero_stage, offload_optimizer=cfg.parallel.offload_optimizer
         and zero_stage >= 1))
-    zero = deepspeed_config(staged, _planned_dist(cfg, world))["zero_optimization"]
+    zero = deepspeed_config(staged, dataclasses.replace(layout, zero_stage=zero_stage),
+                            "cuda")["zero_optimization"]
     grad_bytes = STATE_BYTES[precision][1]
     offload = staged.parallel.offload_optimizer
     fp32_copy = precision == "fp32" and zero_stage >= 1 and not offload
@@ -178,15 +184,6 @@ def deepspeed_buffers(cfg: Config, world: int, zero_stage: int,
         layer = params.layers / max(cfg.model.num_layers, 1)
         gathered = float(max(2 * layer, params.word_embeddings) * STATE_BYTES[precision][0])
     return DeepSpeedBuffers(master, buckets, gathered)
-
-
-def _planned_dist(cfg: Config, world: int):
-    """The Dist a GPU job of `world` ranks would have (rank 0), without starting anything."""
-    from pretrain.dist import Dist
-    from pretrain.launcher_env import read_process_env
-
-    env = read_process_env({"RANK": "0", "WORLD_SIZE": str(world), "LOCAL_RANK": "0"})
-    return Dist(env, cfg.parallel.tp, device_type="cuda", backend="nccl")
 
 
 @dataclass(frozen=True)
@@ -308,11 +305,24 @@ class Plan:
         return out
 
 
+def vocab_for_dataset(cfg: Config, manifest: Manifest) -> int:
+    """The vocabulary the model is built with: the dataset's tokenizer's, or model.vocab_size
+    when that names a larger one (room for tokens added later); a smaller one cannot embed the
+    data. Here, not in the run recipe, so that the planner and the run agree without importing
+    each other (pretrain.run imports the builders, which import this module)."""
+    if cfg.model.vocab_size is None:
+        return manifest.vocab_size
+    if cfg.model.vocab_size < manifest.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the dataset's tokenizer "
+            f"({manifest.vocab_size} tokens, {manifest.root}); remove the override or retokenize")
+    return cfg.model.vocab_size
+
+
 def resolve_vocab(cfg: Config) -> Tuple[int, str]:
     """(vocabulary size, where it came from): model.vocab_size, else data.path's manifest."""
     if cfg.data.path is not None:
         from pretrain.data.manifest import Manifest
-        from pretrain.run import resolve_vocab as vocab_for_dataset
 
         manifest = Manifest.load(cfg.data.path, check_files=False)
         source = "model.vocab_size" if cfg.model.vocab_size is not None else manifest.path
@@ -327,14 +337,14 @@ def make_plan(cfg: Config) -> Plan:
     """Validate cfg for the cluster it names and work out the plan (ConfigError if it can't run)."""
     cl, tr, par = cfg.cluster, cfg.trainer, cfg.parallel
     world = cl.nodes * cl.gpus_per_node
-    cfg.validate(world_size=world, need_data=False)
-    layout = cfg.layout(world)
+    cfg.validate(need_data=False)
     vocab, vocab_source = resolve_vocab(cfg)
-    padded = cfg.model.padded_vocab_size(par.tp, vocab)
+    layout = cfg.layout(world, vocab)
+    padded = layout.padded_vocab_size
     per_rank = count_params(cfg.model, padded, par.tp)
-    states = [model_states(per_rank.total, tr.precision, z, layout["dp"],
+    states = [model_states(per_rank.total, tr.precision, z, layout.dp,
                            par.offload_optimizer) for z in range(4)]
-    buffers = [deepspeed_buffers(cfg, world, z, per_rank) for z in range(4)]
+    buffers = [deepspeed_buffers(cfg, layout, z, per_rank) for z in range(4)]
     acts = activation_bytes(cfg.model, tr.micro_batch_size, par.tp, tr.precision, padded)
     per_sample = acts.total / tr.micro_batch_size
     usable = cl.gpu_memory_gb * (1 - HEADROOM)
@@ -344,7 +354,7 @@ def make_plan(cfg: Config) -> Plan:
     fpt = flops_per_token(cfg.model, padded)
     peak, peak_source = _peak(cl.gpu_peak_tflops)
     tok_gpu = cl.assumed_mfu * peak * 1e12 / fpt  # MFU = tokens/s per GPU x FLOPs/token / peak
-    tok_step = layout["global_batch_size"] * cfg.model.seq_len
+    tok_step = layout.global_batch_size * cfg.model.seq_len
     step_s = tok_step / (tok_gpu * world)
     if cl.token_budget:
         steps, steps_source = math.ceil(cl.token_budget / tok_step), "cluster.token_budget"
@@ -352,10 +362,10 @@ def make_plan(cfg: Config) -> Plan:
         steps, steps_source = tr.max_steps, "trainer.max_steps"
     plan = Plan(
         model=cfg.model.name, nodes=cl.nodes, gpus_per_node=cl.gpus_per_node, world=world,
-        tp=par.tp, dp=layout["dp"], zero_stage=par.zero_stage, precision=tr.precision,
+        tp=par.tp, dp=layout.dp, zero_stage=par.zero_stage, precision=tr.precision,
         offload_optimizer=par.offload_optimizer, recompute=cfg.model.recompute,
         seq_len=cfg.model.seq_len, micro_batch=tr.micro_batch_size,
-        global_batch=layout["global_batch_size"], grad_accum=layout["grad_accum"],
+        global_batch=layout.global_batch_size, grad_accum=layout.grad_accum,
         vocab=vocab, vocab_source=vocab_source, padded_vocab=padded,
         params=count_params(cfg.model, padded),
         params_unpadded=count_params(cfg.model, vocab).total,

@@ -33,21 +33,21 @@ import argparse
 import contextlib
 import io
 import logging
-import math
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
 
-from pretrain.checkpoint import LAYOUT, MARKER, UNIVERSAL, read_json, universal_dir
+from pretrain.checkpoint import LAYOUT, MARKER, UNIVERSAL, universal_dir
 from pretrain.safe_load import safe_load, weights_only_loads
-from pretrain.config import Config, ModelConfig
+from pretrain.config import ModelConfig
 from pretrain.errors import CheckpointError
+from pretrain.fsio import atomic_write
 from pretrain.export import COLUMN, GATED, REPLICATED, ROW, tp_split
+from pretrain.layout import Layout
 
 log = logging.getLogger(__name__)
 
@@ -56,39 +56,13 @@ _MP_FILE = re.compile(r"(?:zero_pp_rank_\d+_)?mp_rank_(\d+)_model_states\.pt$")
 _OPTIM_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 
 
-@dataclass(frozen=True)
-class Layout:
-    """What decides how a checkpoint's files are split: the parallel degrees, the ZeRO stage and
-    the embedding rows (the padded vocabulary depends on TP)."""
-
-    tp: int
-    dp: int
-    zero_stage: int
-    padded_vocab_size: int
-
-    def __str__(self) -> str:
-        return (f"TP={self.tp} x DP={self.dp}, ZeRO {self.zero_stage}, "
-                f"{self.padded_vocab_size} vocabulary rows")
-
-    @classmethod
-    def from_file(cls, path: Path) -> "Layout":
-        """A checkpoint's layout.json; CheckpointError when it is not one (the save wrote one)."""
-        raw = read_json(path)
-        names = [f.name for f in fields(cls)]
-        values = {k: raw.get(k) for k in names}
-        least = {k: 0 if k == "zero_stage" else 1 for k in names}
-        if not all(type(v) is int and v >= least[k] for k, v in values.items()):
-            raise CheckpointError(f"{path} is not a parallel layout: it holds {raw!r:.200}, not "
-                                  f"integers {names} (the checkpoint is damaged)")
-        return cls(**values)
-
-
 def read_layout(step_dir: Path, saved_cfg: Dict[str, Any], vocab: int) -> Layout:
     """The layout a checkpoint was saved at: its layout.json, or for a checkpoint written before
     layout.json existed, what its file names and config.yaml say."""
     step_dir = Path(step_dir)
     if (step_dir / LAYOUT).exists():
         return Layout.from_file(step_dir / LAYOUT)
+    # Saved before layout.json existed.
     tp_ranks = {int(m.group(1)) for f in step_dir.iterdir() if (m := _MP_FILE.match(f.name))}
     dp_ranks = {int(m.group(1)) for f in step_dir.iterdir() if (m := _OPTIM_FILE.match(f.name))}
     tp = max(tp_ranks) + 1 if tp_ranks else 1
@@ -96,21 +70,6 @@ def read_layout(step_dir: Path, saved_cfg: Dict[str, Any], vocab: int) -> Layout
     return Layout(tp, max(dp_ranks) + 1 if dp_ranks else 1,
                   int(saved_cfg.get("parallel", {}).get("zero_stage", 0)),
                   model.padded_vocab_size(tp, vocab))
-
-
-def current_layout(cfg: Config, dist, vocab: int, saved: Optional[Layout]) -> Layout:
-    """This run's layout. A resumed run keeps the saved embedding rows where this TP allows."""
-    padded = cfg.model.padded_vocab_size(dist.tp, vocab)
-    if saved is not None and saved.padded_vocab_size != padded:
-        multiple = cfg.model.make_vocab_size_divisible_by * dist.tp
-        if saved.padded_vocab_size % dist.tp == 0:
-            padded = saved.padded_vocab_size
-        else:
-            padded = math.ceil(saved.padded_vocab_size / multiple) * multiple
-            log.warning("the checkpoint's %d vocabulary rows do not split over tp=%d: growing them "
-                        "to %d with zero rows; the padding rows take part in the softmax, so the "
-                        "loss moves slightly", saved.padded_vocab_size, dist.tp, padded)
-    return Layout(dist.tp, dist.dp, cfg.parallel.zero_stage, padded)
 
 
 # ---- what every checkpoint carries --------------------------------------------------------------
@@ -151,18 +110,10 @@ def universal_info(module: torch.nn.Module, padded_vocab_size: int, swiglu: bool
         c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: rules[ROW],
         c.PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0: rules[GATED],
         # The converter cuts vocabulary tensors to this many rows and the loader zero-pads them to
-        # the new layout's rows: all rows are kept (current_layout never shrinks them).
+        # the new layout's rows: all rows are kept (Config.layout never shrinks them).
         c.VOCABULARY_PARAMETER_PATTERNS: rules["vocabulary"],
         c.ORIGINAL_VOCAB_SIZE: padded_vocab_size,
     }
-
-
-def client_state(module: torch.nn.Module, layout: Layout, swiglu: bool) -> Dict[str, Any]:
-    """The part of every checkpoint's client state that resharding reads back."""
-    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
-
-    return {"layout": asdict(layout),
-            UNIVERSAL_CHECKPOINT_INFO: universal_info(module, layout.padded_vocab_size, swiglu)}
 
 
 # ---- at resume ---------------------------------------------------------------------------------
@@ -177,8 +128,7 @@ def needs_universal(step_dir: Path, saved: Layout, current: Layout) -> bool:
         # ZeRO 3 and ZeRO 0 save and convert to other formats; 1 and 2 share theirs.
         raise CheckpointError(f"{step_dir} was saved with parallel.zero_stage={saved.zero_stage}: "
                               f"resume it with that stage (only 1 <-> 2 may change)")
-    if (saved.tp, saved.dp, saved.padded_vocab_size) == (
-            current.tp, current.dp, current.padded_vocab_size):
+    if current.same_shards(saved):
         return False
     keep = (f"resume at parallel.tp={saved.tp} with {saved.tp * saved.dp} processes "
             f"(data-parallel size {saved.dp})")
@@ -265,9 +215,6 @@ def convert(step_dir: Path, target: Path) -> None:
     except (AssertionError, ValueError, RuntimeError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(f"ds_to_universal failed on {step_dir}: {e!r}\n"
                               f"{chatter.getvalue()[-2000:]}") from e
-    with open(out / MARKER, "w") as f:
-        f.write(_source_id(step_dir))
-        f.flush()
-        os.fsync(f.fileno())
+    atomic_write(out / MARKER, _source_id(step_dir))
     os.replace(out, target)
     shutil.rmtree(scratch, ignore_errors=True)

@@ -7,7 +7,6 @@ engine -> resume if a checkpoint exists -> train with callbacks -> final checkpo
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +15,15 @@ from typing import Any, Dict, Optional
 import yaml
 
 from pretrain import reshard
-from pretrain.checkpoint import Checkpointer, clean_stale, damaged, find_latest
+from pretrain.checkpoint import clean_stale, damaged, find_latest
 from pretrain.config import Config
 from pretrain.data.manifest import Manifest
 from pretrain.data.sources import fingerprint, load_sources
 from pretrain.dist import Dist
 from pretrain.errors import CheckpointError, ConfigError, DataError
+from pretrain.fsio import atomic_write
+from pretrain.reasons import StopReason
+from pretrain.plan import vocab_for_dataset
 from pretrain.rundir import RunDirBusy, RunDirLock, check_writable
 
 log = logging.getLogger("pretrain")
@@ -33,7 +35,7 @@ RESUMABLE_MODEL_KEYS = {"dropout", "attention_dropout", "fused_kernels", "recomp
 @dataclass
 class RunResult:
     state: Dict[str, Any]
-    stop_reason: Optional[str]
+    stop_reason: Optional[StopReason]
     run_dir: Path
     exit_code: int = 0
 
@@ -44,18 +46,13 @@ def setup_logging(rank: int) -> None:
                         datefmt="%H:%M:%S")
     # Our own messages on rank 0; libraries (DeepSpeed is chatty) only when they warn.
     logging.getLogger("pretrain").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    # Hydra's logging set-up disables the loggers that exist before the job starts (those of the
+    # modules the launcher imported): ours speak again.
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if (name == "pretrain" or name.startswith("pretrain.")) and isinstance(logger, logging.Logger):
+            logger.disabled = False
     for noisy in ("DeepSpeed", "deepspeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def resolve_vocab(cfg: Config, manifest: Manifest) -> int:
-    if cfg.model.vocab_size is None:
-        return manifest.vocab_size
-    if cfg.model.vocab_size < manifest.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the dataset's tokenizer "
-            f"({manifest.vocab_size} tokens, {manifest.root}); remove the override or retokenize")
-    return cfg.model.vocab_size
 
 
 def check_resumable(cfg: Config, saved: Dict[str, Any], manifest: Manifest, data_fp: str,
@@ -108,7 +105,7 @@ def train(cfg: Config, env: Optional[Dict[str, str]] = None) -> RunResult:
     cfg.validate(world_size=dist.world_size)
     sources = load_sources(cfg.data)
     manifest, data_fp = sources[0][0], fingerprint(sources)
-    vocab = resolve_vocab(cfg, manifest)
+    vocab = vocab_for_dataset(cfg, manifest)
     if manifest.seq_len != cfg.model.seq_len:
         raise ConfigError(f"model.seq_len={cfg.model.seq_len} but the dataset {manifest.root} holds "
                           f"{manifest.seq_len}-token sequences; set model.seq_len={manifest.seq_len} "
@@ -116,7 +113,6 @@ def train(cfg: Config, env: Optional[Dict[str, str]] = None) -> RunResult:
     run_dir = Path(cfg.run.dir)
     ckpt_root = run_dir / "checkpoints"
     resume_path = find_resume_point(cfg, ckpt_root)
-    saved_client: Dict[str, Any] = {}
     saved_layout = None
     if resume_path is not None:
         saved_cfg = yaml.safe_load((resume_path / "config.yaml").read_text())
@@ -124,7 +120,7 @@ def train(cfg: Config, env: Optional[Dict[str, str]] = None) -> RunResult:
         saved_data = yaml.safe_load(data_yaml.read_text()) if data_yaml.exists() else {}
         check_resumable(cfg, saved_cfg, manifest, data_fp, saved_data)
         saved_layout = reshard.read_layout(resume_path, saved_cfg, vocab)
-    run_layout = reshard.current_layout(cfg, dist, vocab, saved_layout)
+    dist = dist.with_layout(cfg.layout(dist.world_size, vocab, saved_layout))  # the run's layout
     check_writable(run_dir)
 
     # ---- from here on, process groups exist --------------------------------------------------
@@ -141,13 +137,13 @@ def train(cfg: Config, env: Optional[Dict[str, str]] = None) -> RunResult:
                                                 "tokenizer_sha256": manifest.tokenizer_sha256})
         dist.barrier()
         if resume_path is not None:  # saved at another layout: its universal form, made once
-            resume_path = reshard.prepare(resume_path, saved_layout, run_layout, dist)
-        run = build_run(cfg, dist, sources, run_layout, run_dir,
+            resume_path = reshard.prepare(resume_path, saved_layout, dist.layout, dist)
+        run = build_run(cfg, dist, sources, run_dir,
                         load_universal=reshard.is_universal(resume_path))
         if resume_path is not None:
-            saved_client = run.checkpointer.load(run.engine, resume_path)
-            run.trainer.load_state_dict(saved_client.get("trainer_state", {}))
-            run.tracker.load_state_dict(saved_client)  # its wandb_id, if RUN_DIR/wandb_id is gone
+            saved = run.checkpointer.load(run.module, resume_path)
+            run.trainer.load_state_dict(saved.trainer)
+            run.tracker.load_state_dict({"wandb_id": saved.wandb_id})  # if RUN_DIR/wandb_id is gone
             if dist.is_main:
                 log.info("resumed from %s at step %d", resume_path, run.trainer.state.step)
                 if run.trainer.state.step >= cfg.trainer.max_steps:
@@ -157,9 +153,7 @@ def train(cfg: Config, env: Optional[Dict[str, str]] = None) -> RunResult:
         state = run.trainer.fit()
         stop = run.trainer.stop_reason
         run.tracker.close()
-        from pretrain.callbacks.preemption import exit_code
-
-        return RunResult(state.state_dict(), stop, run_dir, exit_code(stop))
+        return RunResult(state.state_dict(), stop, run_dir, stop.exit_code if stop else 0)
     finally:
         if lock is not None:
             lock.release()
@@ -180,6 +174,5 @@ def _take(lock: Optional[RunDirLock], dist: Dist) -> None:
 
 
 def _write_yaml(path: Path, data: Dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    os.replace(tmp, path)
+    """Durable: checkpoints copy config.yaml and data.yaml in, and a resume reads them back."""
+    atomic_write(path, yaml.safe_dump(data, sort_keys=False))

@@ -1,4 +1,5 @@
-"""The training loop. It decides *when*; the engine does a step; callbacks do everything else.
+"""The training loop. It decides *when*; the step module (pretrain.step) decides what a step is;
+callbacks do everything else. Nothing here knows DeepSpeed.
 
 Callbacks have named hooks (on_train_start, on_before_update, on_step_end, on_train_end) and,
 when they hold state that must survive a restart, state_dict/load_state_dict (saved in every
@@ -6,14 +7,13 @@ checkpoint).
 
 A skipped step: every rank has run forward and backward and knows the loss averaged over all
 ranks (one collective, so every rank sees the same value); a callback vetoes the update (a
-non-finite loss, a loss spike), or DeepSpeed's own check finds a non-finite gradient norm. The
+non-finite loss, a loss spike), or the engine's own check finds a non-finite gradient norm. The
 update is then discarded on every rank: parameters, optimizer state and LR schedule stay as they
 were, the gradients are zeroed, the data moves on, and state.skipped_steps counts the step.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
@@ -21,6 +21,9 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 import torch
 
 from pretrain import faults
+from pretrain.layout import Layout
+from pretrain.reasons import SkipReason, StopReason
+from pretrain.step.base import StepModule
 
 
 @dataclass
@@ -52,7 +55,7 @@ class StepOutput:
     samples: int  # global samples in this step
     tokens: int  # global tokens in this step
     global_loss: float = float("nan")  # the loss averaged over all ranks (same on every rank)
-    skipped: Optional[str] = None  # why the update was discarded; None when it was applied
+    skipped: Optional[SkipReason] = None  # why the update was discarded; None when it was applied
     extras: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -61,7 +64,7 @@ class Callback:
 
     def on_train_start(self, trainer: "Trainer") -> None: ...
 
-    def on_before_update(self, trainer: "Trainer", loss: float) -> Optional[str]:
+    def on_before_update(self, trainer: "Trainer", loss: float) -> Optional[SkipReason]:
         """After backward, before the optimizer update; `loss` is the all-rank mean. A reason
         returned here discards the update on every rank, so it may depend only on values that
         are the same on every rank."""
@@ -78,30 +81,21 @@ class Callback:
 
 
 class Trainer:
-    def __init__(self, engine, dist, max_steps: int, micro_batch_size: int, grad_accum: int,
-                 seq_len: int, make_batches: Callable[[int], Iterable[torch.Tensor]],
-                 callbacks: List[Callback]):
-        self.engine = engine
+    def __init__(self, module: StepModule, dist, layout: Layout, max_steps: int, seq_len: int,
+                 make_batches: Callable[[int], Iterable[torch.Tensor]], callbacks: List[Callback]):
+        self.module = module
         self.dist = dist
+        self.layout = layout
         self.max_steps = max_steps
-        self.micro = micro_batch_size
-        self.grad_accum = grad_accum
         self.seq_len = seq_len
         self.make_batches = make_batches  # consumed_samples -> this rank's micro-batches from there
         self.callbacks = callbacks
         self.state = TrainState()
-        self.stop_reason: Optional[str] = None  # set by a callback to end the run after this step
+        self.stop_reason: Optional[StopReason] = None  # set by a callback: end after this step
         self._batches: Optional[Iterator[torch.Tensor]] = None
 
-    @property
-    def global_batch(self) -> int:
-        return self.micro * self.dist.dp * self.grad_accum
-
-    def request_stop(self, reason: str) -> None:
+    def request_stop(self, reason: StopReason) -> None:
         self.stop_reason = self.stop_reason or reason
-
-    def callback(self, name: str) -> Optional[Callback]:
-        return next((c for c in self.callbacks if c.name == name), None)
 
     def fit(self) -> TrainState:
         self._call("on_train_start")
@@ -133,37 +127,18 @@ class Trainer:
             close()
 
     def train_step(self) -> StepOutput:
-        """One optimizer step: grad_accum micro-batches through the DeepSpeed engine."""
-        engine, device, rank = self.engine, self.dist.device, self.dist.rank
+        """One optimizer step of the step module, timed and counted."""
         step = self.state.step + 1
-        faults.before_step(step, rank)  # drills only: nothing happens unless PRETRAIN_FAULTS is set
-        lr = float(engine.get_lr()[0])
+        faults.before_step(step, self.dist.rank)  # drills only: nothing unless PRETRAIN_FAULTS
         t_start = time.perf_counter()
-        data_s, losses = 0.0, []
-        for i in range(self.grad_accum):
-            t0 = time.perf_counter()
-            batch = next(self._batches).to(device, non_blocking=True)  # (micro, seq_len + 1)
-            data_s += time.perf_counter() - t0
-            loss = faults.perturb_loss(engine(batch), step, rank)
-            engine.backward(loss)
-            losses.append(loss.detach())
-            if i + 1 < self.grad_accum:
-                engine.step()  # not the accumulation boundary: DeepSpeed only counts it
-        local_loss = torch.stack(losses).mean()
-        global_loss = self.dist.all_reduce_mean(local_loss)
-        skipped = self._veto(global_loss)
-        t_opt = time.perf_counter()
-        with discard_update(engine) if skipped else contextlib.nullcontext():
-            engine.step()  # the boundary: the optimizer update
-        opt_s = time.perf_counter() - t_opt
-        if skipped is None and not engine.was_step_applied():  # DeepSpeed's own overflow check
-            skipped = "fp16_overflow" if engine.fp16_enabled() else "nonfinite_grad"
+        r = self.module.train_step(self._batches, step, self._veto)
         step_s = time.perf_counter() - t_start
-        samples = self.global_batch
-        return StepOutput(loss=local_loss, data_seconds=data_s, compute_seconds=step_s - data_s,
-                          step_seconds=step_s, lr=lr, samples=samples,
-                          tokens=samples * self.seq_len, global_loss=global_loss, skipped=skipped,
-                          extras={"optimizer_seconds": opt_s})
+        samples = self.layout.global_batch_size
+        return StepOutput(loss=r.loss, data_seconds=r.data_seconds,
+                          compute_seconds=step_s - r.data_seconds, step_seconds=step_s, lr=r.lr,
+                          samples=samples, tokens=samples * self.seq_len,
+                          global_loss=r.global_loss, skipped=r.skipped,
+                          extras={"optimizer_seconds": r.optimizer_seconds})
 
     def state_dict(self) -> Dict[str, Any]:
         return {"trainer": self.state.state_dict(),
@@ -175,7 +150,7 @@ class Trainer:
             if c.name in sd.get("callbacks", {}):
                 c.load_state_dict(sd["callbacks"][c.name])
 
-    def _veto(self, loss: float) -> Optional[str]:
+    def _veto(self, loss: float) -> Optional[SkipReason]:
         """The first reason a callback gives to discard this step's update, if any."""
         for c in self.callbacks:
             reason = c.on_before_update(self, loss)
@@ -186,44 +161,3 @@ class Trainer:
     def _call(self, hook: str, *args) -> None:
         for c in self.callbacks:
             getattr(c, hook)(self, *args)
-
-
-@contextlib.contextmanager
-def discard_update(engine):
-    """Make the engine's next boundary step() discard its update through DeepSpeed's own
-    overflow path: parameters, optimizer state and LR schedule unchanged, gradients zeroed, the
-    engine's skipped_steps counts it.
-
-    The ZeRO optimizers (stages 1-3, every precision) find an overflow in step() and pass it to
-    _update_scale() before acting on it: forcing the flag there reuses their clean-up of the
-    gradient buffers. A genuine overflow still updates the fp16 loss scale; a vetoed finite step
-    leaves it alone. Without ZeRO (a torch optimizer, or DeepSpeed's fp16/bf16 wrappers, whose
-    step() does not work that way) step() becomes a no-op and `overflow` is set, which the engine
-    reads after stepping before it zeroes the gradients.
-    """
-    opt = engine.optimizer
-    if engine.zero_optimization_stage() >= 1:
-        update_scale = opt._update_scale
-
-        def forced(has_overflow=False, *args, **kwargs):
-            if has_overflow:
-                update_scale(has_overflow, *args, **kwargs)
-            opt.overflow = True
-
-        opt._update_scale = forced
-        try:
-            yield
-        finally:
-            del opt._update_scale  # the class's method again
-    else:
-        had = dict(vars(opt))
-        opt.step = lambda *args, **kwargs: None
-        opt.overflow = True
-        try:
-            yield
-        finally:
-            for name in ("step", "overflow"):
-                if name in had:
-                    setattr(opt, name, had[name])
-                else:
-                    delattr(opt, name)

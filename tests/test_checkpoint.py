@@ -122,23 +122,21 @@ def test_a_load_reads_the_model_file_once_and_restores_the_state(dist, tmp_path)
     Checkpointer.load hands the first read back. The state still comes back exactly."""
     from bench.bench_step import SHAPES, Ours, our_config
     from pretrain.checkpoint import Checkpointer
-    from pretrain.engine import build_engine
+    from pretrain.client_state import ClientState
     from pretrain.model.gpt import GPT
+    from pretrain.step import build_step_module
 
     shape = SHAPES["test"]
     cfg = our_config(shape, Ours())
-    engine = build_engine(GPT(cfg.model, cfg.model.padded_vocab_size(1), 1, "cpu"), cfg, dist)
+    module = build_step_module(GPT(cfg.model, cfg.model.padded_vocab_size(1), 1, "cpu"), cfg, dist)
     tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq + 1))
 
     def step():
-        loss = engine(tokens)
-        engine.backward(loss)
-        engine.step()
-        return loss.item()
+        return module.train_step(iter([tokens]), 1, veto=lambda loss: None).loss.item()
 
     step()
     ckpt = Checkpointer(tmp_path, dist, keep_last=2)
-    saved = ckpt.save(engine, 1, {"trainer_state": {"step": 1}})
+    saved = ckpt.save(module, 1, ClientState(trainer={"trainer": {"step": 1}}))
     after = [step(), step()]
     reads = []
     real_load = torch.load
@@ -149,7 +147,7 @@ def test_a_load_reads_the_model_file_once_and_restores_the_state(dist, tmp_path)
 
     torch.load = counting_load
     try:
-        ckpt.load(engine, saved)
+        ckpt.load(module, saved)
     finally:
         torch.load = real_load
     assert reads.count("mp_rank_00_model_states.pt") == 1, reads

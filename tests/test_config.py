@@ -45,8 +45,8 @@ def test_presets_compose_and_validate():
         cfg.validate(world_size=8)
         assert cfg.model.name == preset
     cfg = compose_config(["experiment=gpt2-124m", "data.path=/d"])
-    assert cfg.layout(8) == {"tp": 1, "dp": 8, "micro_batch_size": 16, "global_batch_size": 512,
-                             "grad_accum": 4}
+    assert cfg.layout(8).batch_sizes() == {"tp": 1, "pp": 1, "dp": 8, "micro_batch_size": 16,
+                                           "global_batch_size": 512, "grad_accum": 4}
 
 
 def test_saved_config_round_trips():

@@ -120,3 +120,50 @@ def test_find_cycle_sees_lazy_and_relative_imports(tmp_path):
     assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.a"]
     (pkg / "b.py").write_text("import os\n")
     assert find_cycle(import_graph(tmp_path, ["pkg"])) is None
+
+
+# The loop, its callbacks and the run recipe know the step module's interface only; everything
+# DeepSpeed (its imports, its private attributes) lives in pretrain/step/ (and the process groups,
+# resharding, export and weights-only loading, which are about DeepSpeed's files and groups).
+LOOP_LAYER = ("pretrain.trainer", "pretrain.run", "pretrain.builders", "pretrain.callbacks")
+
+
+def _in_loop_layer(module: str) -> bool:
+    return any(module == m or module.startswith(m + ".") for m in LOOP_LAYER)
+
+
+def test_the_loop_callbacks_and_run_recipe_import_no_deepspeed():
+    graph = import_graph()
+    layer = sorted(m for m in graph if _in_loop_layer(m))
+    assert "pretrain.callbacks.metrics" in layer and "pretrain.trainer" in layer
+    direct = {m: sorted(e for e in graph[m] if e.split(".")[0] == "deepspeed") for m in layer}
+    assert not any(direct.values()), f"imports of DeepSpeed: {direct}"
+    # Nor through what they import at module level: importing them loads no DeepSpeed.
+    code = ("import sys, " + ", ".join(layer) +
+            "; print(sorted(m for m in sys.modules if m.split('.')[0] == 'deepspeed'))")
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-2000:]
+
+
+def test_the_loop_layer_touches_no_private_attribute_of_another_object():
+    """`x._name` only for x = self (its own state): no reaching into an engine, an optimizer or
+    another component's internals from the loop, the callbacks or the run recipe. (os._exit is
+    the standard library's public way to end a process without clean-up.)"""
+    files = _module_files(REPO, ["pretrain"])
+    found = []
+    for name, path in files.items():
+        if not _in_loop_layer(name):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                    and not node.attr.startswith("__")
+                    and not (isinstance(node.value, ast.Name)
+                             and (node.value.id in ("self", "cls")
+                                  or (node.value.id, node.attr) == ("os", "_exit")))):
+                found.append(f"{path.relative_to(REPO)}:{node.lineno}: .{node.attr}")
+    assert not found, "private attributes reached from the loop layer:\n" + "\n".join(found)

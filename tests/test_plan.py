@@ -165,7 +165,7 @@ def _measure_engine(engine, tokens):
 
 @pytest.mark.parametrize("precision,zero", [("fp32", 0), ("fp32", 1), ("bf16", 1)])
 def test_model_states_match_a_real_deepspeed_engine(dist, precision, zero):
-    from pretrain.engine import build_engine
+    from pretrain.step.deepspeed_engine import build_engine
     from pretrain.model.gpt import GPT
 
     cfg = compose_config(["experiment=debug", "model.vocab_size=256", "cluster.nodes=1",

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from pretrain.checkpoint import MARKER, damaged, file_sizes, universal_dir
-from pretrain.config import Config, ModelConfig
+from pretrain.config import Config, ModelConfig, ParallelConfig
 from pretrain.dist import Dist
 from pretrain.errors import CheckpointError
 from pretrain.export import _canonical, merged_state, read_config
-from pretrain.reshard import Layout, current_layout, needs_universal, prepare, read_layout
+from pretrain.layout import Layout
+from pretrain.reshard import needs_universal, prepare, read_layout
 from tests.launch_helpers import run_train, tiny_overrides, train_records
 
 # Global batch 8 at every layout (micro 4: TP=2 x DP=1 accumulates 2, TP=1 x DP=2 does not), a
@@ -133,12 +134,11 @@ def test_which_layouts_need_the_universal_form(tmp_path):
 
 def test_vocabulary_rows_are_kept_where_the_new_tp_divides_them():
     cfg = Config(model=ModelConfig(make_vocab_size_divisible_by=128))
-    tp1 = SimpleNamespace(tp=1, dp=2)
-    assert current_layout(cfg, tp1, 300, None).padded_vocab_size == 384  # a fresh run
+    assert cfg.layout(2, 300, None).padded_vocab_size == 384  # a fresh run, TP=1 x DP=2
     saved_tp2 = Layout(2, 1, 1, cfg.model.padded_vocab_size(2, 300))
     assert saved_tp2.padded_vocab_size == 512
-    assert current_layout(cfg, tp1, 300, saved_tp2).padded_vocab_size == 512
-    odd = Config(model=ModelConfig(make_vocab_size_divisible_by=1))
+    assert cfg.layout(2, 300, saved_tp2).padded_vocab_size == 512
+    odd = Config(model=ModelConfig(make_vocab_size_divisible_by=1), parallel=ParallelConfig(tp=2))
     saved_tp1 = Layout(1, 1, 1, 50257)
-    grown = current_layout(odd, SimpleNamespace(tp=2, dp=1), 50257, saved_tp1)
+    grown = odd.layout(2, 50257, saved_tp1)  # TP=2 x DP=1
     assert grown.padded_vocab_size == 50258  # never fewer rows: the loader zero-pads

@@ -15,7 +15,7 @@ from launch.config import compose_config
 from launch.report import main as report_main
 from pretrain.callbacks.metrics import MetricsLogger
 from pretrain.config import LoggerConfig
-from pretrain.engine import lr_lambda
+from pretrain.step.optim import lr_lambda
 from pretrain.model.flops import flops_per_token
 from pretrain.tracking import ID_FILE, Tracker
 from pretrain.trainer import StepOutput, TrainState
@@ -84,10 +84,9 @@ def test_other_ranks_write_nothing(tmp_path, wandb_offline):
 
 
 def stub_trainer(step: int, world_size: int = 1):
-    engine = SimpleNamespace(get_global_grad_norm=lambda: 3.0, zero_optimization=lambda: 1,
-                             bfloat16_enabled=lambda: False, fp16_enabled=lambda: False)
+    module = SimpleNamespace(grad_norm=lambda: 3.0)  # the step module's last pre-clip norm
     dist = SimpleNamespace(world_size=world_size, is_main=True, device_type="cpu")
-    return SimpleNamespace(engine=engine, dist=dist, state=TrainState(step=step), max_steps=100,
+    return SimpleNamespace(module=module, dist=dist, state=TrainState(step=step), max_steps=100,
                            stop_reason=None)
 
 

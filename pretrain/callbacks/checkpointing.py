@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable, Dict, Optional
 
 from pretrain.checkpoint import Checkpointer
+from pretrain.client_state import ClientState
 from pretrain.trainer import Callback, StepOutput, Trainer
 
 log = logging.getLogger("pretrain")
@@ -17,7 +18,7 @@ class CheckpointCallback(Callback):
     name = "checkpoint"
 
     def __init__(self, checkpointer: Checkpointer, every_steps: int, every_minutes: float,
-                 client_state: Callable[[Trainer], Dict], extra_files: Dict[str, Path]):
+                 client_state: Callable[[Trainer], ClientState], extra_files: Dict[str, Path]):
         self.checkpointer = checkpointer
         self.every_steps = every_steps
         self.every_minutes = every_minutes
@@ -47,7 +48,7 @@ class CheckpointCallback(Callback):
 
     def save(self, trainer: Trainer) -> Path:
         t0 = time.perf_counter()
-        path = self.checkpointer.save(trainer.engine, trainer.state.step, self.client_state(trainer),
+        path = self.checkpointer.save(trainer.module, trainer.state.step, self.client_state(trainer),
                                       self.extra_files)
         self.last_saved_step = trainer.state.step
         self._last_time = time.monotonic()

@@ -25,19 +25,8 @@ class EvalCallback(Callback):
         if self.every and trainer.state.step % self.every == 0:
             self.evaluate(trainer)
 
-    @torch.no_grad()
     def evaluate(self, trainer: Trainer) -> float:
-        engine = trainer.engine
-        engine.eval()
-        total = torch.zeros(2, dtype=torch.float64)  # (sum of batch losses, batches)
-        for batch in self.make_val_batches():
-            loss = engine(batch.to(trainer.dist.device))
-            total += torch.tensor([float(loss), 1.0], dtype=torch.float64)
-        engine.train()
-        if trainer.dist.world_size > 1:
-            total = total.to(trainer.dist.comm_device())
-            torch.distributed.all_reduce(total)
-        val = float(total[0] / total[1])
+        val = trainer.module.eval_loss(iter(self.make_val_batches()))  # collective
         if trainer.dist.is_main:
             self.tracker.log({"step": trainer.state.step, "tokens_seen": trainer.state.tokens_seen,
                               "val_loss": val, "val_ppl": math.exp(min(val, 50.0))},

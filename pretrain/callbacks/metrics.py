@@ -81,13 +81,9 @@ class MetricsLogger(Callback):
         self._losses: List[float] = []  # the window's all-rank mean losses (the trainer's)
         self._window = dict.fromkeys(("step", "data", "compute", "optimizer", "tokens"), 0.0)
         self._timed_optimizer = 0  # steps in the window whose StepOutput timed the optimizer
-        self._own_grad_norm = False  # True where DeepSpeed computes no norm to report
-        self._grad_norm: Optional[float] = None
         self._bar = None
 
     def on_train_start(self, trainer: Trainer) -> None:
-        e = trainer.engine
-        self._own_grad_norm = not (e.zero_optimization() or e.bfloat16_enabled() or e.fp16_enabled())
         if not trainer.dist.is_main:
             return
         self.tracker.start(trainer.state.step, trainer.state.tokens_seen)
@@ -97,11 +93,6 @@ class MetricsLogger(Callback):
 
             self._bar = tqdm(total=trainer.max_steps, initial=trainer.state.step, unit="step",
                              dynamic_ncols=True)
-
-    def on_before_update(self, trainer: Trainer, loss: float) -> None:
-        if self._own_grad_norm:  # every step: a stop may make any step a log step
-            self._grad_norm = grad_norm_before_clipping(trainer.engine)
-        return None
 
     def on_step_end(self, trainer: Trainer, out: StepOutput) -> None:
         # A skipped step's loss (NaN, or a finite spike) stays out of the logged mean.
@@ -131,18 +122,17 @@ class MetricsLogger(Callback):
         self._timed_optimizer = 0
 
     def _record(self, trainer: Trainer, out: StepOutput) -> Dict[str, Any]:
-        w, state, engine, n = self._window, trainer.state, trainer.engine, len(self._losses)
+        w, state, n = self._window, trainer.state, len(self._losses)
         finite = [x for x in self._losses if math.isfinite(x)]  # skipped steps are NaN here
         loss = sum(finite) / len(finite) if finite else None
         tps = w["tokens"] / w["step"] if w["step"] > 0 else 0.0
         tps_dev = tps / trainer.dist.world_size
-        # Before clipping: DeepSpeed's (ZeRO 1-3, bf16, fp16), else our own (ZeRO 0 in fp32).
-        grad_norm = self._grad_norm if self._own_grad_norm else engine.get_global_grad_norm()
+        grad_norm = trainer.module.grad_norm()  # the last step's, before clipping
         timed = self._timed_optimizer == n
         return {
             "step": state.step, "tokens_seen": state.tokens_seen,
             "loss": loss, "ppl": math.exp(min(loss, 50.0)) if loss is not None else None,
-            "lr": out.lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "lr": out.lr, "grad_norm": grad_norm,
             "skipped_steps": state.skipped_steps,  # updates discarded: bad loss or gradient
             "tokens_per_s": tps, "tokens_per_s_per_device": tps_dev,
             "tflops_per_device": tps_dev * self.flops_per_token / 1e12,
@@ -170,23 +160,6 @@ class MetricsLogger(Callback):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-
-
-def grad_norm_before_clipping(engine) -> float:
-    """The global gradient norm where DeepSpeed reports none (ZeRO 0 in fp32: its clipping
-    computes the norm and drops it), computed as that clipping does: after the data-parallel
-    all-reduce, TP-sharded parameters on every TP rank, replicated ones on TP rank 0 only, summed
-    over the TP group. Collective over the TP group."""
-    from deepspeed.runtime.utils import is_model_parallel_parameter
-
-    mpu = engine.mpu
-    tp_rank = mpu.get_model_parallel_rank() if mpu is not None else 0
-    squares = [p.grad.detach().float().pow(2).sum() for p in engine.module.parameters()
-               if p.grad is not None and (tp_rank == 0 or is_model_parallel_parameter(p))]
-    total = torch.stack(squares).sum().reshape(1) if squares else torch.zeros(1)
-    if mpu is not None and mpu.get_model_parallel_world_size() > 1:
-        torch.distributed.all_reduce(total, group=mpu.get_model_parallel_group())
-    return float(total.sqrt())
 
 
 def _num(x: Optional[float], fmt: str) -> str:

@@ -29,31 +29,32 @@ import logging
 import signal
 from typing import Optional
 
+from pretrain.reasons import EXIT_REQUEUE, EXIT_STOPPED, StopReason
 from pretrain.trainer import Callback, StepOutput, Trainer
 
 log = logging.getLogger("pretrain")
 
-EXIT_REQUEUE = 3  # saved after SIGUSR1/SIGUSR2: requeue me
-EXIT_STOPPED = 4  # saved after SIGTERM/SIGINT: stopped on purpose, do not requeue
+__all__ = ["EXIT_REQUEUE", "EXIT_STOPPED", "PreemptionCallback", "exit_code", "stop_for_signal",
+           "wants_requeue"]
 # Weakest first: the ranks agree on the strongest signal any of them got (a cancel after a warning
 # is a cancel), by its position here.
 SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT, signal.SIGTERM)
 REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
-_REASON = "signal "  # stop_reason = "signal SIGUSR1"; exit_code() maps it
 
 
-def exit_code(stop_reason: Optional[str]) -> int:
+def stop_for_signal(name: str) -> StopReason:
+    """The stop a signal asks for: USR1/USR2 come back (requeue), TERM/INT stay stopped."""
+    return StopReason.signal(name, requeue=name in {s.name for s in REQUEUE_SIGNALS})
+
+
+def exit_code(stop_reason: Optional[StopReason]) -> int:
     """The process's exit status after a run that stopped for `stop_reason` (None: finished)."""
-    if not stop_reason or not stop_reason.startswith(_REASON):
-        return 0
-    return EXIT_REQUEUE if wants_requeue(stop_reason) else EXIT_STOPPED
+    return stop_reason.exit_code if stop_reason is not None else 0
 
 
-def wants_requeue(stop_reason: Optional[str]) -> bool:
+def wants_requeue(stop_reason: Optional[StopReason]) -> bool:
     """True when the run stopped for a signal that asks to continue later (see the module doc)."""
-    if not stop_reason or not stop_reason.startswith(_REASON):
-        return False
-    return stop_reason[len(_REASON):] in {s.name for s in REQUEUE_SIGNALS}
+    return stop_reason is not None and stop_reason.requeue
 
 
 class PreemptionCallback(Callback):
@@ -81,7 +82,7 @@ class PreemptionCallback(Callback):
             return
         if trainer.dist.is_main:
             log.warning("%s received: saving at step %d and stopping", name, trainer.state.step)
-        trainer.request_stop(_REASON + name)
+        trainer.request_stop(stop_for_signal(name))
 
     def on_train_end(self, trainer: Trainer) -> None:
         for sig, prev in self._previous.items():

@@ -23,6 +23,7 @@ from typing import Any, Dict, Optional
 from pretrain.checkpoint import Checkpointer, damaged, committed, step_of
 from pretrain.config import StabilityConfig
 from pretrain.errors import PretrainError
+from pretrain.reasons import SkipReason
 from pretrain.trainer import Callback, StepOutput, Trainer
 
 log = logging.getLogger("pretrain")
@@ -61,16 +62,16 @@ class StabilityCallback(Callback):
         self.streak = 0  # consecutive skipped steps
         self.rollbacks = 0
 
-    def on_before_update(self, trainer: Trainer, loss: float) -> Optional[str]:
+    def on_before_update(self, trainer: Trainer, loss: float) -> Optional[SkipReason]:
         if not math.isfinite(loss):
-            return "nonfinite_loss" if self.cfg.skip_nonfinite else None
+            return SkipReason.NONFINITE_LOSS if self.cfg.skip_nonfinite else None
         if self.spikes.is_spike(trainer.state.step + 1, loss):
-            return "loss_spike"
+            return SkipReason.LOSS_SPIKE
         return None
 
     def on_step_end(self, trainer: Trainer, out: StepOutput) -> None:
         step = trainer.state.step
-        if out.skipped == "fp16_overflow":
+        if out.skipped == SkipReason.FP16_OVERFLOW:
             return  # fp16's loss scale finding its level: routine, not a streak
         if out.skipped is None:
             self.streak = 0
@@ -108,8 +109,8 @@ class StabilityCallback(Callback):
         kept = ("consumed_samples", "skipped_steps", "epoch_seconds")
         keep = {k: getattr(trainer.state, k) for k in kept}
         rollbacks = self.rollbacks + 1
-        client = self.checkpointer.load(trainer.engine, path)
-        trainer.load_state_dict(client.get("trainer_state", {}))  # this callback's state too
+        client = self.checkpointer.load(trainer.module, path)
+        trainer.load_state_dict(client.trainer)  # this callback's state too
         for k, v in keep.items():
             setattr(trainer.state, k, v)
         self.rollbacks, self.streak = rollbacks, 0

@@ -1,0 +1,21 @@
+"""What one training step is: the step module (the Trainer decides *when*, this decides *what*).
+
+`StepModule` (base.py) is the interface the loop, the callbacks and the checkpointer use: one
+optimizer step over a step's micro-batches with a veto, the evaluation loss, the gradient norm,
+the learning rate, and save/load of the engine's state. `DeepSpeedStep` (deepspeed_step.py) is
+today's implementation, data + tensor parallel through DeepSpeed ZeRO 0-3; it and the files
+beside it are the only code that touches DeepSpeed (its config, the megatron mpu adapter, the
+patches to its private parts, the version they are written against). A pipeline schedule is a
+second implementation behind the same interface.
+"""
+
+from pretrain.step.base import StepModule, StepResult
+
+__all__ = ["StepModule", "StepResult", "build_step_module"]
+
+
+def build_step_module(model, cfg, dist, load_universal: bool = False) -> StepModule:
+    """The step module for this run's layout (today: DeepSpeed, data + tensor parallel)."""
+    from pretrain.step.deepspeed_step import DeepSpeedStep
+
+    return DeepSpeedStep(model, cfg, dist, load_universal)
