@@ -16,8 +16,8 @@ from pretrain.config import ModelConfig, ParallelConfig
 from pretrain.errors import ConfigError
 from pretrain.plan import (GIB, STATE_BYTES, activation_bytes, count_params, make_plan,
                            model_states)
+from tests.helpers.ranks import run_on_ranks
 from tests.helpers.synthetic import indexed_samples, write_dataset
-from tests.launch_helpers import cpu_env, free_port
 
 # Every option of ModelConfig that changes the parameter count, in every combination.
 OPTIONS = dict(position_embedding=["learned", "rope"], normalization=["LayerNorm", "RMSNorm"],
@@ -84,29 +84,17 @@ def test_gpt2_built_with_megatron(dist, preset, expected):
     assert built_count(cfg.model, cfg.model.padded_vocab_size(1)) == expected
 
 
-def _count_tp2_rank(rank: int, port: int, out_dir: str) -> None:
-    """One of two ranks: build every combination at TP=2 and write this rank's counts."""
-    os.environ.update(cpu_env())
-    from pretrain.dist import Dist
-
-    env = dict(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(port))
-    d = Dist.from_env(ParallelConfig(tp=2, device="cpu"), env=env).initialize(seed=0)
-    counts = [built_count(tiny(**kw), tiny(**kw).padded_vocab_size(2), tp=2) for kw in COMBOS]
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(counts, f)
-    d.shutdown()
+def _count_tp2_rank(dist) -> list:
+    """On one of two ranks: the parameter count of every combination built at TP=2."""
+    return [built_count(tiny(**kw), tiny(**kw).padded_vocab_size(2), tp=2) for kw in COMBOS]
 
 
 @pytest.mark.slow
-def test_per_tp_rank_counts_equal_built_tp2_models(tmp_path):
+def test_per_tp_rank_counts_equal_built_tp2_models():
     """Column-parallel weights and biases split, row-parallel biases and norms replicated."""
-    torch.multiprocessing.spawn(_count_tp2_rank, args=(free_port(), str(tmp_path)), nprocs=2)
-    for rank in (0, 1):
-        counts = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        expected = [count_params(tiny(**kw), tiny(**kw).padded_vocab_size(2), tp=2).total
-                    for kw in COMBOS]
-        assert counts == expected
+    expected = [count_params(tiny(**kw), tiny(**kw).padded_vocab_size(2), tp=2).total
+                for kw in COMBOS]
+    assert run_on_ranks(2, _count_tp2_rank, tp=2) == [expected, expected]
 
 
 # ---- memory ----------------------------------------------------------------------------------

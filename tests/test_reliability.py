@@ -27,6 +27,7 @@ from pretrain.checkpoint import find_latest, step_name
 from pretrain.config import Config
 from pretrain.errors import CheckpointError
 from pretrain.run import find_resume_point
+from pretrain.safe_load import safe_load
 from tests.launch_helpers import REPO, cpu_env, run_train, tiny_overrides, train_records
 from tests.test_checkpoint import assert_same_params, final_params, losses
 
@@ -39,14 +40,35 @@ def ckpt(run_dir: Path, step: int) -> Path:
 
 
 def update_state(path: Path) -> dict:
-    """What an optimizer update changes: weights, LR schedule, each rank's optimizer partition
-    (Adam moments and step, fp32 master weights)."""
-    model = torch.load(path / "mp_rank_00_model_states.pt", weights_only=False)
-    out = {"module": model["module"], "lr_scheduler": model["lr_scheduler"]}
+    """What an optimizer update changes, as each ZeRO stage saves it: the weights (the module; at
+    ZeRO 3 only each rank's fp32 partition holds them), the optimizer (Adam's moments and step: in
+    the model file at ZeRO 0, in each rank's partition at ZeRO 1-3, with its fp32 master weights at
+    ZeRO 1-2) and the LR schedule. Not the overflow flags and counters that record a skip."""
+    state = {"weights": [], "optimizer": [], "lr_schedule": []}
+    for f in sorted(path.glob("*model_states.pt")):
+        sd = safe_load(f)
+        state["lr_schedule"].append(sd["lr_scheduler"])
+        if sd["optimizer"] is not None:  # ZeRO 0
+            state["optimizer"].append(sd["optimizer"])
+        if sd["ds_config"]["zero_optimization"]["stage"] < 3:  # ZeRO 3's module: placeholders
+            state["weights"].append(sd["module"])
     for f in sorted(path.glob("zero_pp_rank_*_optim_states.pt")):
-        sd = torch.load(f, weights_only=False)["optimizer_state_dict"]
-        out[f.name] = {"base": sd["base_optimizer_state"], "fp32": sd["single_partition_of_fp32_groups"]}
-    return out
+        sd = safe_load(f)["optimizer_state_dict"]
+        if "fp32_flat_groups" in sd:  # ZeRO 3
+            state["weights"].append(sd["fp32_flat_groups"])
+            state["optimizer"].append(sd["optimizer_state_dict"])
+        else:
+            state["optimizer"].append([sd["base_optimizer_state"],
+                                       sd["single_partition_of_fp32_groups"]])
+    return state
+
+
+def numel(x) -> int:
+    if torch.is_tensor(x):
+        return x.numel()
+    if isinstance(x, dict):
+        return sum(numel(v) for v in x.values())
+    return sum(numel(v) for v in x) if isinstance(x, (list, tuple)) else 0
 
 
 def same(a, b) -> bool:
@@ -69,7 +91,14 @@ BAD_STEPS = {2: "nan_loss@2:1", 5: "spike@5:0", 6: "nan_grad@6:0"}
 SPIKE = dict(stability__spike_std=6, stability__spike_window=3, stability__spike_warmup=0)
 
 
-@pytest.mark.parametrize("zero,segments", [(1, [7]), (2, [5, 7])], ids=["zero1", "zero2_resumed"])
+# fp32 ZeRO 0 has no overflow check of DeepSpeed's: NaN gradients with a finite loss
+# (step 6) are applied, the weights become NaN, and the step is not counted as skipped.
+ZERO0_NAN_GRAD = pytest.mark.xfail(strict=True, reason="ZeRO 0 applies NaN gradients (step 6)")
+
+
+@pytest.mark.parametrize("zero,segments", [pytest.param(0, [7], marks=ZERO0_NAN_GRAD), (1, [7]),
+                                           (2, [5, 7]), (3, [7])],
+                         ids=["zero0", "zero1", "zero2_resumed", "zero3"])
 def test_bad_step_on_one_rank_is_skipped_by_every_rank(tiny_dataset, tmp_path, zero, segments):
     env = {"PRETRAIN_FAULTS": ",".join(BAD_STEPS.values())}
     for end in segments:  # zero2: a new set of processes resumes after the spike
@@ -79,7 +108,10 @@ def test_bad_step_on_one_rank_is_skipped_by_every_rank(tiny_dataset, tmp_path, z
     for step in BAD_STEPS:
         assert same(update_state(ckpt(tmp_path, step - 1)), update_state(ckpt(tmp_path, step))), \
             f"step {step}'s update was applied"
-    assert not same(update_state(ckpt(tmp_path, 3)), update_state(ckpt(tmp_path, 4)))
+    # An applied update changes each part compared, and the moments of every weight are in it.
+    before, after = update_state(ckpt(tmp_path, 3)), update_state(ckpt(tmp_path, 4))
+    assert [part for part in before if same(before[part], after[part])] == []
+    assert numel(before["optimizer"]) >= 2 * numel(before["weights"]) > 0
     assert skipped(tmp_path) == {1: 0, 2: 1, 3: 1, 4: 1, 5: 2, 6: 3, 7: 3}
     trainer_json = json.loads((ckpt(tmp_path, 7) / "trainer.json").read_text())
     assert trainer_json["trainer"]["skipped_steps"] == 3

@@ -2,32 +2,23 @@
 
 import os
 import signal
-import sys
-import textwrap
+from types import SimpleNamespace
 
 import pytest
 
-from tests.launch_helpers import REPO, cpu_env, free_port
+from tests.helpers.ranks import run_on_ranks
 
-pytestmark = pytest.mark.slow
 
-SCRIPT = textwrap.dedent("""
-    import os, signal, sys
-    from types import SimpleNamespace
+class _Trainer(SimpleNamespace):
+    def request_stop(self, reason):
+        self.stop_reason = self.stop_reason or reason
+
+
+def _stop_when_rank_1_is_signalled(dist) -> tuple:
+    """The callback in a 10-step loop on one of two ranks; only rank 1 gets SIGUSR1, at step 4."""
     from pretrain.callbacks.preemption import PreemptionCallback
-    from pretrain.config import ParallelConfig
-    from pretrain.dist import Dist
 
-    dist = Dist.from_env(ParallelConfig(tp=1, device="cpu"))
-    import torch.distributed as td
-    td.init_process_group("gloo")  # plain gloo: the callback only needs its all-reduce
-    dist.initialized = True
-
-    class Trainer(SimpleNamespace):
-        def request_stop(self, reason):
-            self.stop_reason = self.stop_reason or reason
-
-    tr = Trainer(dist=dist, state=SimpleNamespace(step=0), max_steps=10, stop_reason=None)
+    tr = _Trainer(dist=dist, state=SimpleNamespace(step=0), max_steps=10, stop_reason=None)
     cb = PreemptionCallback()
     cb.on_train_start(tr)
     for step in range(1, 11):
@@ -38,26 +29,12 @@ SCRIPT = textwrap.dedent("""
         if tr.stop_reason:
             break
     cb.on_train_end(tr)
-    print(f"RESULT rank={dist.rank} stopped_at={tr.state.step} reason={tr.stop_reason}", flush=True)
-    td.destroy_process_group()
-""")
+    return tr.state.step, str(tr.stop_reason)
 
 
-def test_one_signalled_rank_stops_every_rank_at_the_same_step(tmp_path):
-    import subprocess
-
-    script = tmp_path / "agree.py"
-    script.write_text(SCRIPT)
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(script)], cwd=REPO, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env=cpu_env({"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
-                                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}))
-             for r in range(2)]
-    outs = [p.communicate(timeout=180)[0] for p in procs]
-    results = sorted(line for out in outs for line in out.splitlines() if line.startswith("RESULT"))
-    assert results == ["RESULT rank=0 stopped_at=4 reason=signal SIGUSR1",
-                       "RESULT rank=1 stopped_at=4 reason=signal SIGUSR1"], outs
+@pytest.mark.slow
+def test_one_signalled_rank_stops_every_rank_at_the_same_step():
+    assert run_on_ranks(2, _stop_when_rank_1_is_signalled) == [(4, "signal SIGUSR1")] * 2
 
 
 def test_exit_code_says_whether_to_come_back():
