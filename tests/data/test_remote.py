@@ -209,3 +209,23 @@ def test_the_node_cache_never_exceeds_its_limit(nginx, wide_dataset, wide_www, t
     assert 6 < fetches < 12  # evicted shards came back in epoch 2; never more than once per epoch
     with pytest.raises(DataError, match="cache_limit_gb"):
         make_loader(_spec(m, 1, 0, 0, _remote("cache", tmp_path / "c", 3 * shard)), 0)
+
+
+def test_validation_reads_through_the_node_cache_once(nginx, wide_dataset, wide_www, tmp_path):
+    """Evaluation reads the same val samples every time: the first one fetches the val shard
+    whole into the cache, later ones read it from there, whatever data.remote_mode says."""
+    from pretrain.config import DataConfig
+    from pretrain.data.remote import remote_spec
+
+    cfg = DataConfig(path=str(wide_dataset), remote_mode="range", cache_dir=str(tmp_path / "c"))
+    spec = remote_spec(cfg, "val")
+    assert (spec.mode, spec.prefetch_windows) == ("cache", 0)
+    m = Manifest.load(wide_dataset).with_shard_urls(_urls(nginx, wide_www))
+    val = StreamSpec(m, "val", 0, 4, 1, 0, seed=7, shuffle=False, remote=spec)
+    local = StreamSpec(Manifest.load(wide_dataset), "val", 0, 4, 1, 0, seed=7, shuffle=False)
+    want = np.concatenate([b.numpy() for b in make_loader(local, 0, limit=3)])
+    nginx.mark()
+    for _ in range(2):  # two evaluations
+        got = np.concatenate([b.numpy() for b in make_loader(val, 0, limit=3)])
+        np.testing.assert_array_equal(got, want)
+    assert [(r.uri, r.status) for r in nginx.requests()] == [(f"/{wide_www}/val/shard-000000.tar", 200)]
