@@ -232,6 +232,11 @@ class ScheduleConfig:
 @dataclass
 class ParallelConfig:
     tp: int = 1
+    # Pipeline-parallel stages (must divide model.num_layers); data-parallel = world / (tp x pp).
+    pp: int = 1
+    # Megatron's sequence parallelism: norms, dropouts and their activations split over the TP
+    # ranks along the sequence (Korthikanti et al. 2022); needs tp > 1.
+    sequence_parallel: bool = False
     zero_stage: int = 1
     # auto: cuda when available, else cpu. Asking for cuda without a GPU is an error.
     device: str = "auto"
@@ -248,6 +253,14 @@ class ParallelConfig:
     def validate(self) -> None:
         p = "parallel"
         _check(self.tp >= 1, f"{p}.tp", f"must be >= 1, got {self.tp}")
+        _check(self.pp >= 1, f"{p}.pp", f"must be >= 1, got {self.pp}")
+        _check(not (self.sequence_parallel and self.tp == 1), f"{p}.sequence_parallel",
+               "needs parallel.tp > 1 (it splits activations over the tensor-parallel ranks)")
+        # The CPU prototype of issue 14: DeepSpeed's ZeRO-2 fails and ZeRO-3 hangs under
+        # megatron-core's pipeline schedule; ZeRO-1 (Megatron's distributed optimizer) works.
+        _check(not (self.pp > 1 and self.zero_stage >= 2), f"{p}.zero_stage",
+               f"ZeRO-{self.zero_stage} with parallel.pp={self.pp} is not supported (DeepSpeed's "
+               f"ZeRO-2/3 do not work under pipeline parallelism); use parallel.zero_stage=1")
         _check(self.zero_stage in (0, 1, 2, 3), f"{p}.zero_stage",
                f"must be 0, 1, 2 or 3, got {self.zero_stage}")
         _check(self.device in ("auto", "cpu", "cuda"), f"{p}.device", "must be auto, cpu or cuda")
@@ -377,10 +390,23 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     stability: StabilityConfig = field(default_factory=StabilityConfig)
 
-    def validate(self, world_size: Optional[int] = None, need_data: bool = True) -> "Config":
-        """Check every component and the relations between them; world_size from the launcher."""
+    def validate(self, world_size: Optional[int] = None, need_data: bool = True,
+                 for_training: bool = True) -> "Config":
+        """Check every component and the relations between them; world_size from the launcher.
+        for_training=False (pretrain-plan) accepts layouts that can be planned but not yet run."""
         self.parallel.validate()
         self.model.validate(tp=self.parallel.tp)
+        par, m = self.parallel, self.model
+        _check(m.num_layers % par.pp == 0, "parallel.pp",
+               f"pp={par.pp} must divide model.num_layers={m.num_layers} (equal stages)")
+        _check(not par.sequence_parallel or m.seq_len % par.tp == 0, "parallel.sequence_parallel",
+               f"model.seq_len={m.seq_len} must be divisible by parallel.tp={par.tp}")
+        if for_training:
+            _check(par.pp == 1, "parallel.pp", f"parallel.pp > 1 ({par.pp}): pipeline parallelism "
+                   "is not implemented in training yet; pretrain-plan can plan it")
+            _check(not par.sequence_parallel, "parallel.sequence_parallel",
+                   "sequence parallelism is not implemented in training yet; pretrain-plan can "
+                   "plan it (set parallel.sequence_parallel=false to train)")
         if need_data:
             self.data.validate()
         self.optimizer.validate()
@@ -401,7 +427,8 @@ class Config:
         par, tr = self.parallel, self.trainer
         return Layout.build(world_size, tp=par.tp, zero_stage=par.zero_stage,
                             micro_batch_size=tr.micro_batch_size,
-                            global_batch_size=tr.global_batch_size,
+                            global_batch_size=tr.global_batch_size, pp=par.pp,
+                            sequence_parallel=par.sequence_parallel,
                             vocab_size=vocab_size,
                             vocab_multiple=self.model.make_vocab_size_divisible_by, saved=saved)
 

@@ -1,15 +1,19 @@
 """What a configuration needs before it is submitted: parameters, FLOPs, memory, time.
 
 A dry run with no process group. Everything is counted per GPU for a cluster of
-`cluster.nodes x cluster.gpus_per_node` GPUs, tensor parallel `parallel.tp`, data parallel
-world / tp, and the configured ZeRO stage (all four stages are tabulated).
+`cluster.nodes x cluster.gpus_per_node` GPUs at the configuration's layout (pretrain.layout:
+tensor parallel `parallel.tp`, pipeline stages `parallel.pp`, sequence parallelism, data
+parallel world / (tp x pp)) and the configured ZeRO stage (all four stages are tabulated).
+With pipeline stages each stage is planned on its own (pretrain.plan_memory: the first holds
+the embeddings and the most micro-batches in flight, the last the LM head and the logits) and
+the plan is the worst stage. Start-up memory (building the model) is planned beside the
+training peak: a layout fits when both do. `pretrain.plan_search` finds the fastest layout
+that fits.
 
-Parameters are counted analytically from ModelConfig, tensor by tensor as megatron-core builds
-them (tests/test_plan.py builds the models and compares). Model-state memory follows the ZeRO
-paper (Rajbhandari et al. 2020) for mixed-precision Adam: 2 bytes of 16-bit weights + 2 bytes of
-gradients + 12 bytes of optimizer state (fp32 master weights, momentum, variance) per parameter;
-fp32 training has 4 + 4 + 8 (no master copy). Activations follow Korthikanti et al. 2022 (see
-`activation_bytes`). What DeepSpeed allocates beyond the paper's accounting is `DeepSpeedBuffers`.
+Time: tokens/s per GPU = cluster.assumed_mfu x peak / FLOPs per token while a GPU computes,
+slowed by the recomputed forward FLOPs (model.recompute) and by the 1F1B pipeline bubble: with m
+micro-batches per step and p stages a stage idles (p - 1) / (m + p - 1) of the step (Narayanan
+et al. 2021, 'Efficient Large-Scale Language Model Training on GPU Clusters', section 2.2).
 """
 
 from __future__ import annotations
@@ -19,226 +23,58 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-from pretrain.config import Config, ModelConfig
+from pretrain.config import Config
 from pretrain.errors import ConfigError
 from pretrain.layout import Layout
-from pretrain.model.flops import flops_per_token, peak_flops
+from pretrain.model.flops import flops_per_token, matmul_params, peak_flops
+from pretrain.plan_memory import (CONSTRUCTIONS, GIB, STATE_BYTES, Activations,  # noqa: F401
+                                  DeepSpeedBuffers, ModelStates, ParamCount, Startup,
+                                  activation_bytes, count_params, deepspeed_buffers,
+                                  largest_tensor, model_states, stage_params,
+                                  startup_bytes)
 
 if TYPE_CHECKING:
     from pretrain.data.manifest import Manifest
 
-GIB = float(1 << 30)
 # Of cluster.gpu_memory_gb only this fraction is planned for: the rest is left to the CUDA
 # context, NCCL, the caching allocator's fragmentation and short-lived temporaries.
 HEADROOM = 0.10
 # The device whose peak (pretrain.model.flops) is assumed when cluster.gpu_peak_tflops is unset.
 DEFAULT_DEVICE = "H100"
-# DeepSpeed's engine all-reduces ZeRO-0 gradients in flat buckets of this many elements
-# (deepspeed.runtime.constants: MEMORY_OPT_ALLREDUCE_SIZE).
-ZERO0_ALLREDUCE_BUCKET = 500_000_000
-
-# Bytes per parameter: (weights, gradients, optimizer state) -- the ZeRO paper's accounting.
-STATE_BYTES = {"fp32": (4, 4, 8), "bf16": (2, 2, 12), "fp16": (2, 2, 12)}
-
-
-# ---- parameters ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ParamCount:
-    """Parameters of one tensor-parallel rank (tp=1: the whole model), by where they sit."""
-
-    word_embeddings: int
-    position_embeddings: int  # learned positions; 0 with RoPE (its inv_freq is a buffer)
-    output_layer: int  # the untied LM head; 0 when tied to the word embeddings
-    layers: int  # all transformer layers
-    final_norm: int
-
-    @property
-    def embedding(self) -> int:
-        """Vocabulary and position tables (Kaplan et al.'s 'embedding' parameters)."""
-        return self.word_embeddings + self.position_embeddings + self.output_layer
-
-    @property
-    def non_embedding(self) -> int:
-        return self.layers + self.final_norm
-
-    @property
-    def total(self) -> int:
-        return self.embedding + self.non_embedding
-
-    def to_dict(self) -> Dict[str, int]:
-        return {**dataclasses.asdict(self), "embedding": self.embedding,
-                "non_embedding": self.non_embedding, "total": self.total}
-
-
-def layer_params(m: ModelConfig, tp: int = 1) -> int:
-    """One transformer layer on one TP rank, as megatron-core's local/TE layer spec builds it.
-
-    Column-parallel linears (linear_qkv, linear_fc1) split weight and bias across TP ranks;
-    row-parallel ones (linear_proj, linear_fc2) split the weight and replicate the bias; norms
-    are replicated. Biases exist on all four when model.bias (add_bias_linear, add_qkv_bias)."""
-    h, f = m.hidden_size, m.ffn_size
-    head_dim = h // m.num_attention_heads
-    kv = (m.num_query_groups or m.num_attention_heads) * head_dim  # K (= V) width
-    bias = 1 if m.bias else 0
-    norm = h * (2 if m.normalization == "LayerNorm" else 1)  # weight (+ bias for LayerNorm)
-    gate = 2 if m.activation == "swiglu" else 1  # SwiGLU's fc1 holds the gate and up projections
-    qkv = (h + 2 * kv) * (h + bias) // tp  # (h + 2 kv) x h weight, h + 2 kv bias
-    proj = h * h // tp + bias * h
-    fc1 = gate * f * (h + bias) // tp
-    fc2 = f * h // tp + bias * h
-    return 2 * norm + qkv + proj + fc1 + fc2  # input_layernorm + pre_mlp_layernorm
-
-
-def count_params(m: ModelConfig, vocab_rows: int, tp: int = 1) -> ParamCount:
-    """Parameters per TP rank for an embedding of `vocab_rows` rows (the padded vocabulary)."""
-    h = m.hidden_size
-    if vocab_rows % tp:
-        raise ConfigError(f"model.make_vocab_size_divisible_by: {vocab_rows} vocabulary rows "
-                          f"do not split over tp={tp}")
-    table = vocab_rows * h // tp  # vocab-parallel embedding / column-parallel LM head
-    return ParamCount(
-        word_embeddings=table,
-        position_embeddings=m.max_positions * h if m.position_embedding == "learned" else 0,
-        output_layer=0 if m.tie_embeddings else table,
-        layers=m.num_layers * layer_params(m, tp),
-        final_norm=h * (2 if m.normalization == "LayerNorm" else 1),
-    )
-
-
-# ---- memory ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelStates:
-    """Bytes per GPU of weights, gradients and optimizer state at one ZeRO stage."""
-
-    zero_stage: int
-    weights: float
-    grads: float
-    optimizer: float  # on the GPU (0 when offloaded)
-    optimizer_cpu: float = 0.0  # in host memory, per GPU process (parallel.offload_optimizer)
-
-    @property
-    def gpu(self) -> float:
-        return self.weights + self.grads + self.optimizer
-
-
-def model_states(params: int, precision: str, zero_stage: int, dp: int,
-                 offload: bool = False) -> ModelStates:
-    """ZeRO's partitioning of `params` (one TP rank's parameters) over `dp` data-parallel ranks:
-    stage 1 the optimizer state, stage 2 also the gradients, stage 3 also the weights."""
-    w, g, o = (params * b for b in STATE_BYTES[precision])
-    o = o / dp if zero_stage >= 1 else o
-    g = g / dp if zero_stage >= 2 else g
-    w = w / dp if zero_stage >= 3 else w
-    if offload and zero_stage >= 1:
-        return ModelStates(zero_stage, w, g, 0.0, o)
-    return ModelStates(zero_stage, w, g, o)
-
-
-@dataclass(frozen=True)
-class DeepSpeedBuffers:
-    """GPU bytes DeepSpeed 0.19 allocates beyond the ZeRO paper's accounting (read from its
-    source, the master copy also measured in tests/test_plan.py).
-
-    master_copy: with fp32 training and ZeRO >= 1, DeepSpeedZeroOptimizer still clones an fp32
-        partition of the weights for its optimizer (single_partition_of_fp32_groups): 4 bytes per
-        parameter / dp. (bf16: that copy *is* the paper's master weights; nothing extra.)
-    reduce_buckets: gradient-reduction buckets. ZeRO 1-3: reduce_bucket_size elements in the
-        gradient dtype, twice with overlap_comm (our config on CUDA), alive during backward;
-        ZeRO 0: flat all-reduce buckets of up to 5e8 elements after backward.
-    gathered_weights: ZeRO 3 gathers each layer's full weights (16-bit) before using it; counted
-        as two layers (the current one and one prefetched) or the vocabulary table if larger.
-    """
-
-    master_copy: float = 0.0
-    reduce_buckets: float = 0.0
-    gathered_weights: float = 0.0
-
-    @property
-    def total(self) -> float:
-        return self.master_copy + self.reduce_buckets + self.gathered_weights
-
-
-def deepspeed_buffers(cfg: Config, layout: Layout, zero_stage: int,
-                      params: ParamCount) -> DeepSpeedBuffers:
-    """What the engine of a GPU job at `layout` would hold besides the model states, at
-    `zero_stage`, read from the DeepSpeed config it would be given."""
-    from pretrain.step.deepspeed_engine import deepspeed_config
-
-    precision, dp = cfg.trainer.precision, layout.dp
-    staged = dataclasses.replace(cfg, parallel=dataclasses.replace(
-        cfg.parallel, zero_stage=zero_stage, offload_optimizer=cfg.parallel.offload_optimizer
-        and zero_stage >= 1))
-    zero = deepspeed_config(staged, dataclasses.replace(layout, zero_stage=zero_stage),
-                            "cuda")["zero_optimization"]
-    grad_bytes = STATE_BYTES[precision][1]
-    offload = staged.parallel.offload_optimizer
-    fp32_copy = precision == "fp32" and zero_stage >= 1 and not offload
-    master = 4.0 * params.total / dp if fp32_copy else 0.0
-    if zero_stage == 0:
-        buckets = float(min(ZERO0_ALLREDUCE_BUCKET, params.total) * grad_bytes)
-    else:
-        copies = 2 if zero.get("overlap_comm") else 1
-        buckets = float(zero["reduce_bucket_size"] * grad_bytes * copies)
-    gathered = 0.0
-    if zero_stage == 3:
-        layer = params.layers / max(cfg.model.num_layers, 1)
-        gathered = float(max(2 * layer, params.word_embeddings) * STATE_BYTES[precision][0])
-    return DeepSpeedBuffers(master, buckets, gathered)
-
-
-@dataclass(frozen=True)
-class Activations:
-    """Bytes per GPU kept for the backward pass of one micro-batch (see activation_bytes)."""
-
-    micro_batch: int
-    layers: float  # what all transformer layers keep (full recompute: their inputs only)
-    recompute_working: float  # full recompute: one layer's activations, rebuilt in backward
-    embeddings_and_head: float  # embedding dropout mask, final norm, LM head input, fp32 logits
-
-    @property
-    def total(self) -> float:
-        return self.layers + self.recompute_working + self.embeddings_and_head
-
-
-def activation_bytes(m: ModelConfig, micro_batch: int, tp: int, precision: str,
-                     vocab_rows: int) -> Activations:
-    """Activation memory per GPU after Korthikanti et al. 2022, 'Reducing Activation Recomputation
-    in Large Transformer Models', section 4.
-
-    Per layer, in bytes of 16-bit activations, sequence s, micro-batch b, hidden h, heads a:
-        s b h (34 + 5 a s / h);  with tensor parallel t (no sequence parallel):
-        s b h (10 + 24/t + 5 a s / (h t)).
-    The 5 a s / h term is the stored attention matrix (softmax, its dropout mask and output).
-    Our core attention is SDPA (flash attention on GPU), which stores none: the term is dropped,
-    which is also what selective recompute (model.recompute=selective) gives. That leaves
-        s b h (10 + 24/t)
-    where 10 s b h is replicated across TP ranks (two norm inputs 4, attention and MLP inputs 4,
-    two dropout masks 2) and 24 s b h is split (Q, K, V 6 + projection input 2; MLP 16, i.e.
-    fc1's output and the activation's output, 2 x 2 bytes x 4h). For other shapes the split part
-    is generalized as 4 + 4 kv/h (grouped-query K and V of width kv) + 4 f/h (MLP of width f;
-    6 f/h for SwiGLU, whose fc1 output is 2f wide), which is exactly 24 for GPT-2 shapes.
-    Full recompute (model.recompute=full) keeps only each layer's input, 2 s b h, plus one
-    layer's full working set while that layer is recomputed in the backward pass.
-    Outside the layers: the embedding dropout mask (s b h), the final norm's and the LM head's
-    inputs (4 s b h), and the logits in fp32 for the cross entropy, 4 s b V / t bytes.
-    fp32 training doubles every 16-bit term.
-    """
-    s, b, h, t = m.seq_len, micro_batch, m.hidden_size, tp
-    kv = (m.num_query_groups or m.num_attention_heads) * (h // m.num_attention_heads)
-    mlp = (6 if m.activation == "swiglu" else 4) * m.ffn_size / h
-    split = 4 + 4 * kv / h + mlp  # 24 for GPT-2 shapes
-    scale = 2 if precision == "fp32" else 1
-    sbh = float(s * b * h)
-    per_layer = sbh * (10 + split / t) * scale
-    if m.recompute == "full":
-        layers, working = m.num_layers * 2 * sbh * scale, per_layer
-    else:
-        layers, working = m.num_layers * per_layer, 0.0
-    head = 5 * sbh * scale + 4.0 * s * b * vocab_rows / t
-    return Activations(micro_batch, layers, working, head)
 
 
 # ---- the plan --------------------------------------------------------------------------------
+@dataclass
+class StagePlan:
+    """One pipeline stage on one GPU: its parameters and memory at each ZeRO stage."""
+
+    stage: int
+    layers: int
+    params: ParamCount  # one TP rank of this stage
+    states: List[ModelStates]  # ZeRO 0..3
+    buffers: List[DeepSpeedBuffers]  # ZeRO 0..3
+    activations: Activations  # the configured micro-batch, all in flight
+    startup: List[Startup]  # ZeRO 0..3
+
+    def gpu_bytes(self, zero_stage: int, micro_batch: int) -> float:
+        per_sample = self.activations.total / self.activations.micro_batch
+        return self.states[zero_stage].gpu + self.buffers[zero_stage].total + per_sample * micro_batch
+
+    def max_micro_batch(self, zero_stage: int, usable_bytes: float) -> int:
+        per_sample = self.activations.total / self.activations.micro_batch
+        free = usable_bytes - self.states[zero_stage].gpu - self.buffers[zero_stage].total
+        return max(0, math.floor(free / per_sample))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"stage": self.stage, "layers": self.layers, "params": self.params.to_dict(),
+                "states": [{**dataclasses.asdict(s), "gpu": s.gpu} for s in self.states],
+                "buffers": [{**dataclasses.asdict(b), "total": b.total} for b in self.buffers],
+                "activations": {**dataclasses.asdict(self.activations),
+                                "total": self.activations.total},
+                "startup": [{**dataclasses.asdict(s), "host_per_node": s.host_per_node}
+                            for s in self.startup]}
+
+
 @dataclass
 class Plan:
     model: str
@@ -246,11 +82,14 @@ class Plan:
     gpus_per_node: int
     world: int
     tp: int
+    pp: int
+    sequence_parallel: bool
     dp: int
     zero_stage: int
     precision: str
     offload_optimizer: bool
     recompute: str
+    construction: str  # how start-up memory was counted (pretrain.plan_memory.CONSTRUCTIONS)
     seq_len: int
     micro_batch: int
     global_batch: int
@@ -260,19 +99,19 @@ class Plan:
     padded_vocab: int
     params: ParamCount  # whole model, padded vocabulary
     params_unpadded: int  # whole model with the tokenizer's vocabulary
-    params_per_rank: ParamCount
+    stages: List[StagePlan]  # pp=1: one; else the first and the last (middle ones need less)
+    peak_stage: int  # index into stages of the one with the most GPU memory at zero_stage
     flops_per_token: float
     tokens_per_step: int
-    states: List[ModelStates]  # ZeRO 0..3
-    buffers: List[DeepSpeedBuffers]  # ZeRO 0..3
-    activations: Activations  # the configured micro-batch
-    activation_per_sample: float
+    activation_per_sample: float  # of the peak stage
     gpu_memory_gib: float
     usable_gib: float
     max_micro_batch: List[int]  # per ZeRO stage: the largest that fits in usable_gib
     peak_tflops: float
     peak_source: str
     assumed_mfu: float
+    recompute_factor: float  # FLOPs done per model FLOP: 1 + recomputed forward / (6N + 12LHQT)
+    bubble_fraction: float  # (pp - 1) / (grad_accum + pp - 1)
     tokens_per_s_gpu: float
     tokens_per_s: float
     step_s: float
@@ -282,26 +121,60 @@ class Plan:
     total_s: float
     warnings: List[str] = field(default_factory=list)
 
+    # The peak stage's figures (pp=1: the only stage), as the one-stage plan always had them.
+    @property
+    def params_per_rank(self) -> ParamCount:
+        return self.stages[self.peak_stage].params
+
+    @property
+    def states(self) -> List[ModelStates]:
+        return self.stages[self.peak_stage].states
+
+    @property
+    def buffers(self) -> List[DeepSpeedBuffers]:
+        return self.stages[self.peak_stage].buffers
+
+    @property
+    def activations(self) -> Activations:
+        return self.stages[self.peak_stage].activations
+
     def gpu_bytes(self, zero_stage: int, micro_batch: Optional[int] = None) -> float:
-        """Everything planned on one GPU at a ZeRO stage and micro-batch (default: configured)."""
+        """Training peak on the fullest GPU at a ZeRO stage and micro-batch (default: configured)."""
         mb = self.micro_batch if micro_batch is None else micro_batch
-        return (self.states[zero_stage].gpu + self.buffers[zero_stage].total
-                + self.activations.total / self.micro_batch * mb)
+        return max(s.gpu_bytes(zero_stage, mb) for s in self.stages)
+
+    def startup(self, zero_stage: Optional[int] = None) -> Startup:
+        """Start-up memory of the stage that needs the most GPU memory to build its model."""
+        z = self.zero_stage if zero_stage is None else zero_stage
+        return max((s.startup[z] for s in self.stages), key=lambda x: x.gpu)
+
+    @property
+    def fits_training(self) -> bool:
+        return self.gpu_bytes(self.zero_stage) <= self.usable_gib * GIB
+
+    @property
+    def fits_startup(self) -> bool:
+        return self.startup().gpu <= self.usable_gib * GIB
 
     @property
     def fits(self) -> bool:
-        return self.gpu_bytes(self.zero_stage) <= self.usable_gib * GIB
+        return self.fits_training and self.fits_startup
 
     def to_dict(self) -> Dict[str, Any]:
-        out = dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in ("params", "stages")}
         out["params"] = self.params.to_dict()
-        out["params_per_rank"] = self.params_per_rank.to_dict()
-        out["states"] = [{**dataclasses.asdict(s), "gpu": s.gpu} for s in self.states]
-        out["buffers"] = [{**dataclasses.asdict(b), "total": b.total} for b in self.buffers]
-        out["activations"] = {**dataclasses.asdict(self.activations),
-                              "total": self.activations.total}
+        out["stages"] = [s.to_dict() for s in self.stages]
+        peak = out["stages"][self.peak_stage]
+        out.update(params_per_rank=peak["params"], states=peak["states"],
+                   buffers=peak["buffers"], activations=peak["activations"])
         out["gpu_bytes"] = [self.gpu_bytes(z) for z in range(4)]
-        out["fits"] = self.fits
+        start = self.startup()
+        out.update(peak_memory_gib=self.gpu_bytes(self.zero_stage) / GIB,
+                   startup_memory_gib=start.gpu / GIB, usable_memory_gib=self.usable_gib,
+                   host_memory_per_node_gib=start.host_per_node / GIB,
+                   fits_training=self.fits_training, fits_startup=self.fits_startup,
+                   fits=self.fits)
         return out
 
 
@@ -333,27 +206,30 @@ def resolve_vocab(cfg: Config) -> Tuple[int, str]:
     return cfg.model.vocab_size, "model.vocab_size"
 
 
-def make_plan(cfg: Config) -> Plan:
-    """Validate cfg for the cluster it names and work out the plan (ConfigError if it can't run)."""
+def make_plan(cfg: Config, vocab: Optional[Tuple[int, str]] = None,
+              construction: str = "tp_shard") -> Plan:
+    """Validate cfg for the cluster it names and work out the plan (ConfigError if it can't run).
+    vocab: (size, source) when already resolved (the search plans many layouts of one config);
+    construction: how the model is built, for its start-up memory (plan_memory.startup_bytes)."""
     cl, tr, par = cfg.cluster, cfg.trainer, cfg.parallel
     world = cl.nodes * cl.gpus_per_node
-    cfg.validate(need_data=False)
-    vocab, vocab_source = resolve_vocab(cfg)
-    layout = cfg.layout(world, vocab)
+    cfg.validate(need_data=False, for_training=False)
+    vocab_size, vocab_source = vocab or resolve_vocab(cfg)
+    layout = cfg.layout(world, vocab_size)
     padded = layout.padded_vocab_size
-    per_rank = count_params(cfg.model, padded, par.tp)
-    states = [model_states(per_rank.total, tr.precision, z, layout.dp,
-                           par.offload_optimizer) for z in range(4)]
-    buffers = [deepspeed_buffers(cfg, layout, z, per_rank) for z in range(4)]
-    acts = activation_bytes(cfg.model, tr.micro_batch_size, par.tp, tr.precision, padded)
-    per_sample = acts.total / tr.micro_batch_size
     usable = cl.gpu_memory_gb * (1 - HEADROOM)
-    max_mb = [max(0, math.floor((usable * GIB - states[z].gpu - buffers[z].total) / per_sample))
-              for z in range(4)]
+    stages = [_plan_stage(cfg, layout, s, construction) for s in sorted({0, layout.pp - 1})]
+    peak_stage = max(range(len(stages)), key=lambda i: stages[i].gpu_bytes(par.zero_stage,
+                                                                           tr.micro_batch_size))
+    max_mb = [min(s.max_micro_batch(z, usable * GIB) for s in stages) for z in range(4)]
 
     fpt = flops_per_token(cfg.model, padded)
     peak, peak_source = _peak(cl.gpu_peak_tflops)
-    tok_gpu = cl.assumed_mfu * peak * 1e12 / fpt  # MFU = tokens/s per GPU x FLOPs/token / peak
+    recompute = _recompute_factor(cfg, padded, fpt)
+    m, p = layout.grad_accum, layout.pp
+    bubble = (p - 1) / (m + p - 1)
+    # MFU = tokens/s per GPU x FLOPs/token / peak, while computing; recompute and bubble slow it.
+    tok_gpu = cl.assumed_mfu * peak * 1e12 / fpt / recompute * (1 - bubble)
     tok_step = layout.global_batch_size * cfg.model.seq_len
     step_s = tok_step / (tok_gpu * world)
     if cl.token_budget:
@@ -362,21 +238,53 @@ def make_plan(cfg: Config) -> Plan:
         steps, steps_source = tr.max_steps, "trainer.max_steps"
     plan = Plan(
         model=cfg.model.name, nodes=cl.nodes, gpus_per_node=cl.gpus_per_node, world=world,
-        tp=par.tp, dp=layout.dp, zero_stage=par.zero_stage, precision=tr.precision,
+        tp=layout.tp, pp=layout.pp, sequence_parallel=layout.sequence_parallel, dp=layout.dp,
+        zero_stage=par.zero_stage, precision=tr.precision,
         offload_optimizer=par.offload_optimizer, recompute=cfg.model.recompute,
-        seq_len=cfg.model.seq_len, micro_batch=tr.micro_batch_size,
+        construction=construction, seq_len=cfg.model.seq_len, micro_batch=tr.micro_batch_size,
         global_batch=layout.global_batch_size, grad_accum=layout.grad_accum,
-        vocab=vocab, vocab_source=vocab_source, padded_vocab=padded,
+        vocab=vocab_size, vocab_source=vocab_source, padded_vocab=padded,
         params=count_params(cfg.model, padded),
-        params_unpadded=count_params(cfg.model, vocab).total,
-        params_per_rank=per_rank, flops_per_token=fpt, tokens_per_step=tok_step,
-        states=states, buffers=buffers, activations=acts, activation_per_sample=per_sample,
+        params_unpadded=count_params(cfg.model, vocab_size).total,
+        stages=stages, peak_stage=peak_stage, flops_per_token=fpt, tokens_per_step=tok_step,
+        activation_per_sample=stages[peak_stage].activations.total / tr.micro_batch_size,
         gpu_memory_gib=cl.gpu_memory_gb, usable_gib=usable, max_micro_batch=max_mb,
         peak_tflops=peak, peak_source=peak_source, assumed_mfu=cl.assumed_mfu,
+        recompute_factor=recompute, bubble_fraction=bubble,
         tokens_per_s_gpu=tok_gpu, tokens_per_s=tok_gpu * world, step_s=step_s, steps=steps,
         steps_source=steps_source, total_tokens=float(steps * tok_step), total_s=steps * step_s)
     plan.warnings = _warnings(plan)
     return plan
+
+
+def _plan_stage(cfg: Config, layout: Layout, stage: int, construction: str) -> StagePlan:
+    """Memory of pipeline stage `stage` on one GPU at every ZeRO stage."""
+    m, tr, par = cfg.model, cfg.trainer, cfg.parallel
+    rows, tp, pp = layout.padded_vocab_size, layout.tp, layout.pp
+    params = stage_params(m, rows, tp, pp, stage)
+    states = [model_states(params.total, tr.precision, z, layout.dp, par.offload_optimizer)
+              for z in range(4)]
+    buffers = [deepspeed_buffers(cfg, layout, z, params) for z in range(4)]
+    acts = activation_bytes(m, tr.micro_batch_size, tp, tr.precision, rows, pp,
+                            layout.sequence_parallel, stage)
+    largest = largest_tensor(m, rows, tp)
+    startup = [startup_bytes(params, largest, states[z], tr.precision, layout.dp,
+                             cfg.cluster.gpus_per_node, construction) for z in range(4)]
+    return StagePlan(stage, m.num_layers // pp, params, states, buffers, acts, startup)
+
+
+def _recompute_factor(cfg: Config, padded: int, fpt: float) -> float:
+    """FLOPs a GPU does per model FLOP (6N + 12LHQT) under model.recompute: full recompute runs
+    each layer's forward again (2 N_layers + 4 LHQT per token, the LM head is not recomputed);
+    selective recomputes the core attention (4 LHQT)."""
+    m = cfg.model
+    attention_fwd = 4.0 * m.num_layers * m.hidden_size * m.seq_len  # 4 L (H Q) T
+    if m.recompute == "full":
+        layers = matmul_params(m, padded) - padded * m.hidden_size
+        return 1 + (2.0 * layers + attention_fwd) / fpt
+    if m.recompute == "selective":
+        return 1 + attention_fwd / fpt
+    return 1.0
 
 
 def _peak(tflops: Optional[float]) -> Tuple[float, str]:
@@ -388,18 +296,26 @@ def _peak(tflops: Optional[float]) -> Tuple[float, str]:
 
 def _warnings(p: Plan) -> List[str]:
     out = []
-    if not p.fits:
+    zero_ok = range(p.zero_stage + 1, 4 if p.pp == 1 else 2)  # ZeRO-2/3 do not run with pp > 1
+    if not p.fits_training:
         need = p.gpu_bytes(p.zero_stage) / GIB
         fixes = [f"trainer.micro_batch_size<={p.max_micro_batch[p.zero_stage]}"
                  if p.max_micro_batch[p.zero_stage] else None]
-        fixes += [f"parallel.zero_stage={z}" for z in range(p.zero_stage + 1, 4)
+        fixes += [f"parallel.zero_stage={z}" for z in zero_ok
                   if p.max_micro_batch[z] >= p.micro_batch][:1]
         if p.recompute != "full":
             fixes.append("model.recompute=full")
         fixes.append(f"parallel.tp={2 * p.tp}")
         out.append(f"micro-batch {p.micro_batch} does NOT fit: it needs {need:.1f} GiB per GPU at "
                    f"ZeRO-{p.zero_stage}, {p.usable_gib:.1f} GiB usable; try "
-                   + ", ".join(f for f in fixes if f))
+                   + ", ".join(f for f in fixes if f) + " (or pretrain-plan --search)")
+    if not p.fits_startup:
+        need = p.startup().gpu / GIB
+        out.append(f"start-up does NOT fit: building the model takes {need:.1f} GiB per GPU "
+                   f"(construction={p.construction}: each rank holds its stage's whole TP shard "
+                   f"in fp32 before DeepSpeed partitions it, whatever the ZeRO stage), "
+                   f"{p.usable_gib:.1f} GiB usable; raise parallel.tp or parallel.pp "
+                   f"(pretrain-plan --search finds the fastest layout that fits)")
     return out
 
 
@@ -424,9 +340,12 @@ def render(p: Plan) -> str:
     """The plan as a readable table."""
     pc, pr = p.params, p.params_per_rank
     head = f"untied LM head {pc.output_layer:,}" if pc.output_layer else "LM head tied"
+    pp = f" pp={p.pp}" if p.pp > 1 else ""
+    sp = " sequence-parallel" if p.sequence_parallel else ""
+    where = f" (stage {p.stages[p.peak_stage].stage}, the fullest)" if p.pp > 1 else ""
     lines = [
         f"pretrain-plan: {p.model} on {p.nodes} node(s) x {p.gpus_per_node} GPUs = {p.world}; "
-        f"tp={p.tp} dp={p.dp} ZeRO-{p.zero_stage} {p.precision} recompute={p.recompute}",
+        f"tp={p.tp}{pp} dp={p.dp}{sp} ZeRO-{p.zero_stage} {p.precision} recompute={p.recompute}",
         f"vocabulary {p.vocab:,} ({p.vocab_source}), padded to {p.padded_vocab:,}",
         "",
         "parameters",
@@ -434,14 +353,24 @@ def render(p: Plan) -> str:
         f"  embedding        {pc.embedding:>15,}   (word {pc.word_embeddings:,}, positions "
         f"{pc.position_embeddings:,}, {head})",
         f"  non-embedding    {pc.non_embedding:>15,}",
-        f"  per TP rank      {pr.total:>15,}",
+        f"  per GPU          {pr.total:>15,}   (one TP rank{' of one stage' if p.pp > 1 else ''}"
+        f"{where})",
         "",
         "compute",
         f"  FLOPs per token  {p.flops_per_token:>15.4g}   (6N + 12LHQT, forward + backward)",
         f"  tokens per step  {p.tokens_per_step:>15,}   = global batch {p.global_batch} x seq "
         f"{p.seq_len} (micro {p.micro_batch} x dp {p.dp} x accumulation {p.grad_accum})",
         "",
-        f"memory per GPU (GiB): {pr.total:,} parameters per TP rank x "
+    ]
+    lines += _memory_lines(p) + [""] + _time_lines(p)
+    lines += [f"WARNING: {w}" for w in p.warnings]
+    return "\n".join(lines)
+
+
+def _memory_lines(p: Plan) -> List[str]:
+    pr = p.params_per_rank
+    lines = [
+        f"memory per GPU (GiB): {pr.total:,} parameters x "
         + ("(4 B weights + 4 B grads + 8 B Adam m, v)" if p.precision == "fp32" else
            "(2 B weights + 2 B grads + 12 B fp32 master, m, v)"),
         "  ZeRO  weights    grads optimizer   states  DS bufs activations  total  max micro-batch",
@@ -453,33 +382,56 @@ def render(p: Plan) -> str:
                      f"{_gib(s.gpu)} {_gib(b.total)} {_gib(p.activations.total)} "
                      f"{_gib(p.gpu_bytes(z))}   {p.max_micro_batch[z]:>6}")
     lines.append("  (* configured; ZeRO 1 partitions optimizer state over dp, 2 also gradients, "
-                 "3 also weights)")
+                 "3 also weights" + ("; ZeRO 2-3 cannot run with pp > 1)" if p.pp > 1 else ")"))
+    if p.pp > 1:
+        lines.append(f"  pipeline stages ({p.pp}, {p.stages[0].layers} layers each; 1F1B):")
+        for st in p.stages:
+            role = "first (embeddings)" if st.stage == 0 else "last (final norm, LM head)"
+            lines.append(f"    stage {st.stage:>3} {role:<27} {st.params.total:>14,} parameters, "
+                         f"{st.activations.in_flight} micro-batch(es) in flight, "
+                         f"{st.gpu_bytes(p.zero_stage, p.micro_batch) / GIB:.2f} GiB")
     if p.offload_optimizer:
         cpu = p.states[p.zero_stage].optimizer_cpu
         lines.append(f"  optimizer offloaded to CPU: {cpu / GIB:.2f} GiB per GPU process, "
                      f"{cpu * p.gpus_per_node / GIB:.1f} GiB host memory per node")
-    b, a = p.buffers[p.zero_stage], p.activations
+    b, a, start = p.buffers[p.zero_stage], p.activations, p.startup()
     lines += [
         f"  DeepSpeed buffers (ZeRO-{p.zero_stage}): reduce buckets {b.reduce_buckets / GIB:.2f}"
         + (f", fp32 master copy {b.master_copy / GIB:.2f}" if b.master_copy else "")
         + (f", gathered weights {b.gathered_weights / GIB:.2f}" if b.gathered_weights else ""),
-        f"  activations, micro-batch {p.micro_batch} x {p.seq_len} (SDPA, recompute={p.recompute}):"
-        f" layers {a.layers / GIB:.2f}"
+        f"  activations, micro-batch {p.micro_batch} x {p.seq_len} (SDPA, recompute={p.recompute}"
+        + (", sequence parallel" if p.sequence_parallel else "")
+        + (f", {a.in_flight} in flight" if a.in_flight > 1 else "")
+        + f"): layers {a.layers / GIB:.2f}"
         + (f" + recomputed layer {a.recompute_working / GIB:.2f}" if a.recompute_working else "")
         + f" + embeddings/logits {a.embeddings_and_head / GIB:.2f}"
         f" = {a.total / GIB:.2f} ({p.activation_per_sample / GIB:.3f} per sequence)",
+        f"  start-up (construction={start.construction}): {start.gpu / GIB:.2f} GiB per GPU, "
+        f"host RAM {start.host_per_node / GIB:.1f} GiB per node ({start.ranks_per_node} ranks x "
+        f"{start.host_per_rank / GIB:.2f})",
         f"  usable {p.usable_gib:.1f} of {p.gpu_memory_gib:g} GiB (cluster.gpu_memory_gb; "
         f"{HEADROOM:.0%} left for the CUDA context, NCCL and allocator fragmentation)",
         f"  micro-batch {p.micro_batch}: "
-        + (f"fits ({p.gpu_bytes(p.zero_stage) / GIB:.1f} GiB)" if p.fits else "DOES NOT FIT")
-        + f"; largest that fits at ZeRO-{p.zero_stage}: {p.max_micro_batch[p.zero_stage]}",
-        "",
+        + (f"fits ({p.gpu_bytes(p.zero_stage) / GIB:.1f} GiB)" if p.fits_training
+           else "DOES NOT FIT")
+        + f"; largest that fits at ZeRO-{p.zero_stage}: {p.max_micro_batch[p.zero_stage]}; "
+        + ("start-up fits" if p.fits_startup else "START-UP DOES NOT FIT"),
+    ]
+    return lines
+
+
+def _time_lines(p: Plan) -> List[str]:
+    slow = []
+    if p.recompute_factor > 1:
+        slow.append(f"recompute x{p.recompute_factor:.3f} FLOPs")
+    if p.pp > 1:
+        slow.append(f"pipeline bubble {p.bubble_fraction:.1%} = (pp-1)/(m+pp-1), "
+                    f"m={p.grad_accum} micro-batches")
+    return [
         f"throughput at {p.assumed_mfu:.0%} MFU (cluster.assumed_mfu) of {p.peak_tflops:g} "
-        f"TFLOP/s ({p.peak_source})",
+        f"TFLOP/s ({p.peak_source})" + (f"; {', '.join(slow)}" if slow else ""),
         f"  tokens/s         {p.tokens_per_s_gpu:>15,.0f} per GPU, {p.tokens_per_s:,.0f} total",
         f"  time per step    {_duration(p.step_s):>15}",
         f"  {p.steps:,} steps ({p.steps_source}) = {p.total_tokens:,.0f} tokens in "
         f"{_duration(p.total_s)}",
     ]
-    lines += [f"WARNING: {w}" for w in p.warnings]
-    return "\n".join(lines)

@@ -217,3 +217,25 @@ def test_cli_errors_are_one_line_and_exit_2(capsys, overrides, message):
         main(overrides)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err and message in err
+
+
+# ---- pipeline stages and the bubble ----------------------------------------------------------
+def test_pipeline_bubble_and_recompute_slow_the_step():
+    """1F1B with p stages and m micro-batches per step idles (p-1)/(m+p-1) of the step; full
+    recompute adds one forward of the layers. The fullest stage is planned."""
+    base = ["experiment=gpt-175b", "parallel.tp=8", "parallel.sequence_parallel=true"]
+    flat = make_plan(compose_config(base))
+    piped = make_plan(compose_config(base + ["parallel.pp=4"]))
+    m, p = piped.grad_accum, 4
+    assert (piped.dp, m) == (16, 1536 // 16)
+    assert piped.bubble_fraction == pytest.approx((p - 1) / (m + p - 1)) and flat.bubble_fraction == 0
+    per_gpu = flat.tokens_per_s_gpu * (1 - piped.bubble_fraction)
+    assert piped.tokens_per_s_gpu == pytest.approx(per_gpu)
+    assert [s.stage for s in piped.stages] == [0, 3] and piped.peak_stage == 0
+    assert piped.gpu_bytes(1) == max(s.gpu_bytes(1, 1) for s in piped.stages)
+    full = make_plan(compose_config(base + ["model.recompute=full"]))
+    assert 1.30 < full.recompute_factor < 4 / 3 and full.step_s == pytest.approx(
+        flat.step_s * full.recompute_factor)
+    zero3 = make_plan(compose_config(base + ["parallel.zero_stage=3"]))  # the issue's finding:
+    assert zero3.fits_training and not zero3.fits_startup  # it dies building the model
+    assert "start-up does NOT fit" in " ".join(zero3.warnings) and not zero3.fits
