@@ -3,8 +3,8 @@
     python -m bench.bench_step [--shape baby|mini|both] [--threads 1] [--rounds 7] [--ablate]
 
 Ours: megatron-core GPT (`pretrain.model.gpt.GPT`) inside the DeepSpeed engine
-(`pretrain.step.deepspeed_engine.build_engine`: ZeRO 1, fp32, one gloo rank), one step = forward +
-engine.backward + engine.step, as `Trainer.train_step` does it. Peer: `transformers.GPT2LMHeadModel`
+through the step module training uses (`pretrain.step.build_step_module`: ZeRO 1, fp32, one gloo
+rank): one `train_step` = forward, backward, the all-rank loss, the veto and the update. Peer: `transformers.GPT2LMHeadModel`
 built from `GPT2Config(n_embd, n_layer, n_head, n_positions, vocab_size)` in its default
 configuration (SDPA attention, tanh-GeLU, dropout 0.1), loss through `labels=`, `torch.optim.AdamW`
 with our hyperparameters and parameter groups, gradient clipping at our `optimizer.grad_clip`.
@@ -94,8 +94,9 @@ def our_config(shape: Shape, ours: Ours):
 
 def build_ours(shape: Shape, ours: Ours, tokens: torch.Tensor) -> Callable[[], float]:
     """Our step on `tokens` (batch, seq + 1), built as pretrain.builders.build_run builds it."""
-    from pretrain.step.deepspeed_engine import build_engine, build_optimizer
     from pretrain.model.gpt import GPT
+    from pretrain.step import build_step_module
+    from pretrain.step.optim import build_optimizer
 
     quiet()
     cfg = our_config(shape, ours)
@@ -116,13 +117,13 @@ def build_ours(shape: Shape, ours: Ours, tokens: torch.Tensor) -> Callable[[], f
             return loss.item()
 
         return bare
-    engine = build_engine(model, cfg, dist)
+    module = build_step_module(model, cfg, dist)
+    count = 0
 
     def step() -> float:
-        loss = engine(tokens)
-        engine.backward(loss)
-        engine.step()
-        return loss.item()
+        nonlocal count
+        count += 1
+        return module.train_step(iter([tokens]), count, veto=lambda loss: None).loss.item()
 
     return step
 

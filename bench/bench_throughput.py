@@ -4,11 +4,12 @@
     python -m bench.bench_throughput --preset gpt-1.3b       # GPU: bf16, T=2048
     python -m bench.bench_throughput --preset gpt2-124m --tiny   # CPU: exercises the same path
 
-Our full step (megatron-core GPT inside the DeepSpeed engine, as `Trainer.train_step`: forward,
-engine.backward, engine.step) on random tokens already on the device, so the figure is the
-model's and the engine's, not the loader's. bf16 on GPU (fp32 on CPU), ZeRO 1, one rank. The
-first `--warmup` steps are dropped; then `--steps` steps (>= 50 on GPU) are timed between two
-device synchronisations, with no synchronisation inside the window. TFLOP/s per device =
+Our full step, through the step module training uses (`pretrain.step.build_step_module`:
+megatron-core GPT inside the DeepSpeed engine; forward, backward, the all-rank loss, the update)
+on random tokens already on the device, so the figure is the model's and the engine's, not the
+loader's. bf16 on GPU (fp32 on CPU), ZeRO 1, one rank. The first `--warmup` steps are dropped;
+then `--steps` steps (>= 50 on GPU) are timed between two device synchronisations; inside the
+window the one synchronisation per step is training's own (the loss the veto reads). TFLOP/s per device =
 tokens/s x (6 N + 12 L H Q T) (pretrain.model.flops, BENCHMARKS.md); MFU divides by the
 device's peak dense bf16 FLOP/s, printed only for a device whose peak is known.
 
@@ -90,7 +91,7 @@ def configure(preset: str, device: str, tiny: bool, micro: Optional[int], max_mi
 def run(preset: str, tiny: bool = False, steps: Optional[int] = None, warmup: Optional[int] = None,
         micro: Optional[int] = None, max_micro: int = 32, compile_model: bool = False,
         recompute: Optional[str] = None, extra: Optional[List[str]] = None) -> ThroughputResult:
-    from pretrain.step.deepspeed_engine import build_engine
+    from pretrain.step import build_step_module
     from pretrain.model.flops import flops_per_token, peak_flops
     from pretrain.model.gpt import GPT
 
@@ -108,15 +109,12 @@ def run(preset: str, tiny: bool = False, steps: Optional[int] = None, warmup: Op
     model = GPT(cfg.model, padded, 1, device_type).to(dist.device)
     if cfg.trainer.compile:
         model = torch.compile(model)
-    engine = build_engine(model, cfg, dist)
+    module = build_step_module(model, cfg, dist)
     m, s = cfg.trainer.micro_batch_size, cfg.model.seq_len
     tokens = torch.randint(0, cfg.model.vocab_size, (m, s + 1), device=dist.device)
 
     def step() -> torch.Tensor:
-        loss = engine(tokens)
-        engine.backward(loss)
-        engine.step()
-        return loss.detach()
+        return module.train_step(iter([tokens]), 1, veto=lambda loss: None).loss
 
     for _ in range(warmup):
         step()

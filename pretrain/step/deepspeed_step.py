@@ -7,12 +7,14 @@ same bits), the veto asked on it, then the optimizer update at the boundary, or 
 A discarded update: parameters, optimizer state and LR schedule stay as they were, the gradients
 are zeroed, the engine's skipped_steps counts it (`discard_update`). DeepSpeed's own check finding
 a non-finite gradient norm discards the update the same way, reported as NONFINITE_GRAD (or
-FP16_OVERFLOW with fp16's loss scaling).
+FP16_OVERFLOW with fp16's loss scaling); fp32 ZeRO 0, where DeepSpeed checks nothing, is checked
+here on the norm computed for the logs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
@@ -20,6 +22,7 @@ from typing import Any, Dict, Iterator, Optional
 import torch
 
 from pretrain import faults
+from pretrain.checkpoint_writer import BackgroundWriter
 from pretrain.errors import CheckpointError
 from pretrain.reasons import SkipReason
 from pretrain.safe_load import weights_only_loads
@@ -61,6 +64,11 @@ class DeepSpeedStep(StepModule):
         skipped = veto(global_loss)
         if self._own_grad_norm:  # every step: a stop may make any step a log step
             self._grad_norm = grad_norm_before_clipping(engine)
+            # fp32 ZeRO 0 has no overflow check of DeepSpeed's: a NaN or inf gradient would be
+            # applied. The norm is taken after the gradient all-reduce and summed over the TP
+            # group, so every rank holds the same verdict.
+            if skipped is None and not math.isfinite(self._grad_norm):
+                skipped = SkipReason.NONFINITE_GRAD
         t_opt = time.perf_counter()
         with discard_update(engine) if skipped else contextlib.nullcontext():
             engine.step()  # the boundary: the optimizer update
@@ -90,8 +98,9 @@ class DeepSpeedStep(StepModule):
         norm = self._grad_norm if self._own_grad_norm else self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else None
 
-    def save(self, root: Path, tag: str, client_state: Dict[str, Any]) -> None:
-        save_engine(self.engine, Path(root), tag, client_state)
+    def save(self, root: Path, tag: str, client_state: Dict[str, Any],
+             writer: Optional[BackgroundWriter] = None) -> None:
+        save_engine(self.engine, Path(root), tag, client_state, writer)
 
     def load(self, path: Path, load_optimizer: bool = True) -> Dict[str, Any]:
         engine, path = self.engine, Path(path)

@@ -98,3 +98,22 @@ def test_eval_loss_is_the_mean_over_the_batches_and_training_resumes(dist):
         module.engine.train()
     assert module.eval_loss(iter(val)) == pytest.approx(expected, rel=1e-6)
     assert module.module.training
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_nan_gradients_with_a_finite_loss_are_discarded(dist, zero_stage):
+    """DeepSpeed's ZeRO optimizers find them themselves; fp32 ZeRO 0 is checked by the step
+    module on the norm it computes (DeepSpeed would apply them)."""
+    module = build(dist, zero_stage)
+    data = iter(batches(4))
+    module.train_step(data, 1, veto=lambda loss: None)
+    before = snapshot(module)
+    weight = next(p for p in module.module.parameters() if p.ndim == 2)
+    hook = weight.register_hook(lambda g: g * float("nan"))
+    try:
+        result = module.train_step(data, 2, veto=lambda loss: None)
+    finally:
+        hook.remove()
+    assert result.skipped == SkipReason.NONFINITE_GRAD and torch.isfinite(result.loss)
+    assert same(before, snapshot(module)), "NaN gradients were applied"
+    assert module.train_step(data, 3, veto=lambda loss: None).skipped is None
