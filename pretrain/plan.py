@@ -27,7 +27,7 @@ from pretrain.config import Config
 from pretrain.errors import ConfigError
 from pretrain.layout import Layout
 from pretrain.model.flops import flops_per_token, matmul_params, peak_flops
-from pretrain.plan_memory import (CONSTRUCTIONS, GIB, STATE_BYTES, Activations,  # noqa: F401
+from pretrain.plan_memory import (GIB, STATE_BYTES, Activations,  # noqa: F401 (re-exported)
                                   DeepSpeedBuffers, ModelStates, ParamCount, Startup,
                                   activation_bytes, count_params, deepspeed_buffers,
                                   largest_tensor, model_states, stage_params,
@@ -58,7 +58,8 @@ class StagePlan:
 
     def gpu_bytes(self, zero_stage: int, micro_batch: int) -> float:
         per_sample = self.activations.total / self.activations.micro_batch
-        return self.states[zero_stage].gpu + self.buffers[zero_stage].total + per_sample * micro_batch
+        fixed = self.states[zero_stage].gpu + self.buffers[zero_stage].total
+        return fixed + per_sample * micro_batch
 
     def max_micro_batch(self, zero_stage: int, usable_bytes: float) -> int:
         per_sample = self.activations.total / self.activations.micro_batch
@@ -139,7 +140,8 @@ class Plan:
         return self.stages[self.peak_stage].activations
 
     def gpu_bytes(self, zero_stage: int, micro_batch: Optional[int] = None) -> float:
-        """Training peak on the fullest GPU at a ZeRO stage and micro-batch (default: configured)."""
+        """Training peak on the fullest GPU at a ZeRO stage and micro-batch (default: the
+        configured one)."""
         mb = self.micro_batch if micro_batch is None else micro_batch
         return max(s.gpu_bytes(zero_stage, mb) for s in self.stages)
 

@@ -124,7 +124,7 @@ def candidates(cfg: Config) -> Iterator[Candidate]:
 
 def search(cfg: Config, construction: str = "tp_shard",
            host_memory_gib: Optional[float] = None) -> SearchResult:
-    """Plan every candidate layout of cfg's model on cfg's cluster and pick the fastest that fits."""
+    """Plan every candidate layout of cfg's model on cfg's cluster; pick the fastest that fits."""
     cfg.cluster.validate()
     vocab = resolve_vocab(cfg)
     verdicts = [_judge(c, cfg, vocab, construction, host_memory_gib) for c in candidates(cfg)]

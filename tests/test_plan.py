@@ -228,7 +228,8 @@ def test_pipeline_bubble_and_recompute_slow_the_step():
     piped = make_plan(compose_config(base + ["parallel.pp=4"]))
     m, p = piped.grad_accum, 4
     assert (piped.dp, m) == (16, 1536 // 16)
-    assert piped.bubble_fraction == pytest.approx((p - 1) / (m + p - 1)) and flat.bubble_fraction == 0
+    assert piped.bubble_fraction == pytest.approx((p - 1) / (m + p - 1))
+    assert flat.bubble_fraction == 0
     per_gpu = flat.tokens_per_s_gpu * (1 - piped.bubble_fraction)
     assert piped.tokens_per_s_gpu == pytest.approx(per_gpu)
     assert [s.stage for s in piped.stages] == [0, 3] and piped.peak_stage == 0
