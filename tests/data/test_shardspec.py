@@ -6,6 +6,7 @@ import pytest
 
 from pretrain.config import DataConfig
 from pretrain.data.loader import StreamSpec, make_loader
+from pretrain.data.remote import RemoteSpec
 from pretrain.data.shardspec import expand
 from pretrain.data.sources import fingerprint, load_sources
 from pretrain.errors import DataError
@@ -21,9 +22,11 @@ def _samples_of(shards):
     return sorted(i for s in shards for i in range(STARTS[s], STARTS[s] + SIZES[s]))
 
 
-def _read_epoch(manifest):
+def _read_epoch(manifest, cache_dir=None):
+    """One epoch's sample indices; shards behind pipe: go through a node cache in `cache_dir`."""
     n = manifest.split("train").samples
-    spec = StreamSpec(manifest, "train", 0, 5, 1, 0, 7, window_shards=2)
+    remote = RemoteSpec(cache_dir=str(cache_dir)) if cache_dir else None
+    spec = StreamSpec(manifest, "train", 0, 5, 1, 0, 7, window_shards=2, remote=remote)
     seq = [sample_index(r, V) for b in make_loader(spec, 0, limit=n // 5) for r in b.numpy()]
     assert len(seq) == n // 5 * 5
     return seq
@@ -88,7 +91,7 @@ def test_glob_and_pipe_commands_read_through_webdataset(indexed_dataset, tmp_pat
     (manifest, _), = load_sources(DataConfig(path=str(indexed_dataset), shards=spec))
     assert [s.url.startswith("pipe:") for s in manifest.split("train").shards] == [
         True, True, False, False]
-    assert sorted(_read_epoch(manifest)) == _samples_of([0, 4, 5, 6])
+    assert sorted(_read_epoch(manifest, tmp_path / "cache")) == _samples_of([0, 4, 5, 6])
 
 
 def test_shards_not_in_the_manifest_or_missing_are_errors(indexed_dataset, tmp_path):
