@@ -67,7 +67,8 @@ def build_run(cfg: Config, dist: Dist, sources: Sources, run_dir: Path,
     layout = dist.layout
     padded = layout.padded_vocab_size
     log_fallbacks(cfg.model.normalization, dist.device_type)
-    model = GPT(cfg.model, padded, layout.tp, dist.device_type).to(dist.device)
+    model = GPT(cfg.model, padded, layout.tp, dist.device_type,
+                layout.sequence_parallel).to(dist.device)
     n_params = count_parameters(model)
     if cfg.trainer.compile:
         model = torch.compile(model)

@@ -404,9 +404,11 @@ class Config:
         if for_training:
             _check(par.pp == 1, "parallel.pp", f"parallel.pp > 1 ({par.pp}): pipeline parallelism "
                    "is not implemented in training yet; pretrain-plan can plan it")
-            _check(not par.sequence_parallel, "parallel.sequence_parallel",
-                   "sequence parallelism is not implemented in training yet; pretrain-plan can "
-                   "plan it (set parallel.sequence_parallel=false to train)")
+            # Untested: DeepSpeed's ZeRO-3 partitions the SP-marked norms whose gradients the
+            # step module sums over the TP group by a hook on the parameter.
+            _check(not (par.sequence_parallel and par.zero_stage == 3), "parallel.sequence_parallel",
+                   "sequence parallelism with parallel.zero_stage=3 is not supported; use ZeRO 0-2 "
+                   "or parallel.sequence_parallel=false")
         if need_data:
             self.data.validate()
         self.optimizer.validate()

@@ -37,6 +37,18 @@ def test_tp2_reproduces_tp1(tp1_runs, tiny_dataset, tmp_path, zero):
     np.testing.assert_allclose(gnorm2, gnorm1, rtol=1e-4)
 
 
+def test_sequence_parallel_tp2_reproduces_tp1(tp1_runs, tiny_dataset, tmp_path):
+    """Megatron's sequence parallelism (norms and dropouts on slices of the sequence, their
+    gradients summed over the TP group by the step module): the same losses and gradient norm as
+    TP=1. Without the sum the norm is wrong from step 1."""
+    run_train(tiny_overrides(tiny_dataset, tmp_path, steps=5, parallel__tp=2,
+                             parallel__sequence_parallel="true", parallel__zero_stage=1), nproc=2)
+    loss2, gnorm2 = _curves(tmp_path)
+    loss1, gnorm1 = tp1_runs[1]
+    np.testing.assert_allclose(loss2, loss1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gnorm2, gnorm1, rtol=1e-4)
+
+
 def test_dp2_reproduces_dp1_with_doubled_batch(tiny_dataset, tmp_path):
     dp1, dp2, accum = tmp_path / "dp1", tmp_path / "dp2", tmp_path / "accum"
     run_train(tiny_overrides(tiny_dataset, dp1, steps=4, trainer__micro_batch_size=8))

@@ -35,15 +35,20 @@ def test_layout_carries_pp_and_sequence_parallel():
     assert layout.grad_accum == 4 and layout.padded_vocab_size == 512
 
 
-@pytest.mark.parametrize("override, setting", [("parallel.pp=2", "parallel.pp"),
-                                               ("parallel.sequence_parallel=true",
-                                                "parallel.sequence_parallel")])
-def test_training_refuses_what_only_the_planner_can_do(override, setting):
+@pytest.mark.parametrize("overrides, words", [
+    (["parallel.pp=2"], r"parallel\.pp.*pretrain-plan can plan it"),
+    (["parallel.sequence_parallel=true", "parallel.zero_stage=3"],
+     r"parallel\.sequence_parallel.*zero_stage=3 is not supported"),
+])
+def test_training_refuses_what_only_the_planner_can_do(overrides, words):
     cfg = compose_config(["experiment=debug", "data.path=/d", "model.num_layers=4",
-                          "parallel.tp=2", override])
-    with pytest.raises(ConfigError, match=f"{setting}.*pretrain-plan can plan it"):
+                          "parallel.tp=2", *overrides])
+    with pytest.raises(ConfigError, match=words):
         cfg.validate(world_size=4)
     cfg.validate(world_size=4, for_training=False)  # the planner takes it
+    sp = compose_config(["experiment=debug", "data.path=/d", "parallel.tp=2",
+                         "parallel.sequence_parallel=true"])
+    sp.validate(world_size=4)  # sequence parallelism at ZeRO 0-2 trains
 
 
 def test_train_refuses_pipeline_before_any_process_group(tiny_dataset, tmp_path):

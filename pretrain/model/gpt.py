@@ -36,7 +36,8 @@ def _activation(cfg: ModelConfig, fused: bool):
     return F.gelu, False
 
 
-def transformer_config(cfg: ModelConfig, tp: int, device_type: str) -> TransformerConfig:
+def transformer_config(cfg: ModelConfig, tp: int, device_type: str,
+                       sequence_parallel: bool = False) -> TransformerConfig:
     fused = use_fused_kernels(cfg, device_type)
     act, act_fusion = _activation(cfg, fused)
     recompute = {}
@@ -69,7 +70,7 @@ def transformer_config(cfg: ModelConfig, tp: int, device_type: str) -> Transform
         cross_entropy_loss_fusion=fused,
         cross_entropy_fusion_impl="native",
         tensor_model_parallel_size=tp,
-        sequence_parallel=False,
+        sequence_parallel=sequence_parallel,
         # Initialise full weights on the CPU generator, then split: the same model at any TP degree.
         use_cpu_initialization=True,
         perform_initialization=True,
@@ -83,13 +84,15 @@ def transformer_config(cfg: ModelConfig, tp: int, device_type: str) -> Transform
 class GPT(nn.Module):
     """megatron-core GPTModel plus the language-modelling loss: forward(tokens) -> mean loss."""
 
-    def __init__(self, cfg: ModelConfig, padded_vocab_size: int, tp: int, device_type: str):
+    def __init__(self, cfg: ModelConfig, padded_vocab_size: int, tp: int, device_type: str,
+                 sequence_parallel: bool = False):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = padded_vocab_size
         self.gpt = GPTModel(
-            config=transformer_config(cfg, tp, device_type),
-            transformer_layer_spec=layer_spec(cfg.normalization, device_type == "cuda"),
+            config=transformer_config(cfg, tp, device_type, sequence_parallel),
+            transformer_layer_spec=layer_spec(cfg.normalization, device_type == "cuda",
+                                              sequence_parallel, cfg.num_layers),
             vocab_size=padded_vocab_size,
             max_sequence_length=cfg.max_positions,
             share_embeddings_and_output_weights=cfg.tie_embeddings,

@@ -29,6 +29,7 @@ from pretrain.safe_load import weights_only_loads
 from pretrain.step.base import StepModule, StepResult, Veto
 from pretrain.step.deepspeed_engine import build_engine
 from pretrain.step.deepspeed_io import model_file_read_once, repair_optimizer, save_engine
+from pretrain.step.sequence_parallel import sum_sequence_parallel_grads
 
 
 class DeepSpeedStep(StepModule):
@@ -36,6 +37,11 @@ class DeepSpeedStep(StepModule):
         self.dist = dist
         self.grad_accum = dist.layout.grad_accum
         self.engine = build_engine(model, cfg, dist, load_universal)
+        if dist.layout.sequence_parallel:
+            from megatron.core import parallel_state
+
+            sum_sequence_parallel_grads(self.engine.module,
+                                        parallel_state.get_tensor_model_parallel_group())
         e = self.engine
         # DeepSpeed reports the pre-clip norm itself under ZeRO and its bf16/fp16 wrappers; fp32
         # ZeRO 0 computes it inside its clipping and drops it: computed here then, every step.
