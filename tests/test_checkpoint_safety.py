@@ -29,7 +29,8 @@ from pretrain.checkpoint import FILES, LAYOUT, MARKER, damaged, file_sizes, find
 from pretrain.config import Config
 from pretrain.dist import Dist
 from pretrain.errors import CheckpointError
-from pretrain.reshard import Layout, prepare, read_layout
+from pretrain.layout import Layout
+from pretrain.reshard import prepare, read_layout
 from pretrain.run import find_resume_point
 from tests.launch_helpers import run_train, tiny_overrides
 from tests.test_checkpoint import assert_same_params, final_params, losses
@@ -106,7 +107,8 @@ def test_planted_pickle_is_refused_at_a_dp1_to_dp2_reshard(tiny_dataset, trained
 
     # The model-states file, read by our own step before the converter (in process).
     plant(ckpt(run, 3), MODEL, marker)
-    solo = Dist(SimpleNamespace(rank=0, world_size=1, local_rank=0), 1, "cpu", "gloo")
+    solo = Dist(SimpleNamespace(rank=0, world_size=1, local_rank=0), Layout(1, 1, 1, 256), "cpu",
+                "gloo")
     saved = read_layout(ckpt(run, 3), {}, 256)
     with pytest.raises(CheckpointError, match=f"{MODEL}.*GLOBAL getattr"):
         prepare(ckpt(run, 3), saved, Layout(1, 2, saved.zero_stage, saved.padded_vocab_size), solo)

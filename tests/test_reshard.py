@@ -96,8 +96,9 @@ def test_universal_form_is_made_once_per_save(tp2_run, tmp_path):
     ckpt = tmp_path / STEP2
     shutil.copytree(tp2_run / "checkpoints" / STEP2, ckpt)
     saved = read_layout(ckpt, {}, 256)
-    assert saved == Layout(tp=2, dp=1, zero_stage=1, padded_vocab_size=256)
-    dist = Dist(SimpleNamespace(rank=0, world_size=1, local_rank=0), 1, "cpu", "gloo")
+    assert (saved.tp, saved.dp, saved.zero_stage, saved.padded_vocab_size) == (2, 1, 1, 256)
+    dist = Dist(SimpleNamespace(rank=0, world_size=1, local_rank=0), Layout(1, 1, 1, 256), "cpu",
+                "gloo")
     target = prepare(ckpt, saved, Layout(1, 1, 1, 256), dist)
     assert target == universal_dir(ckpt) and (target / "zero" / "optimizer_state.pt").exists()
     made = (target / MARKER).stat().st_mtime_ns
