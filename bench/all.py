@@ -11,7 +11,8 @@ Sections (each also runs alone, with its own detailed table: python -m bench.ben
   throughput  tokens/s, TFLOP/s and MFU of gpt2-124m and gpt-1.3b on the device present
               (bench_throughput; on CPU the --tiny path check, with no MFU)
   loader      loader tokens/s per rank process and first batch after resume (bench_loader)
-  checkpoint  Checkpointer.save/load against torch.save/torch.load of the same state (bench_checkpoint)
+  checkpoint  Checkpointer.save/load against torch.save/torch.load of the same state, and a
+              background save (trainer.async_save) against a synchronous one (bench_checkpoint)
   tokenizer   pretrain-data's tokenize + shard writing against HF tokenizers and tiktoken
               (bench_tokenizer's own variants, as it defines them)
   remote      shards over HTTP from nginx: bytes per epoch per simulated node count and loader
@@ -126,6 +127,12 @@ def checkpoint_rows(size: str) -> List[Row]:
         rows.append(["checkpoint", f"load seconds, {res.megabytes:.0f} MB (page cache)",
                      f"{ours.median:.3g}", f"{res.load_timings[peer].median:.3g} ({peer})",
                      f"{1 / r.median:.2f}x the time [{1 / r.high:.2f}-{1 / r.low:.2f}]", ""])
+    # trainer.async_save against a synchronous save of the same state
+    shape = bc.ASYNC_SHAPES[_pick(size, "91m", "23m", "test")]
+    res = bc.run_async(shape, rounds=_pick(size, 3, 2, 1))
+    for figure, sync, asynchronous, ratio, target in res.rows():
+        rows.append(["checkpoint", f"async save: {figure}, {res.megabytes:.0f} MB",
+                     f"{asynchronous:.3g}", f"{sync:.3g}", ratio, target])
     return rows
 
 

@@ -82,8 +82,11 @@ def build_run(cfg: Config, dist: Dist, sources: Sources, run_dir: Path,
                            "flops_per_token": fpt, "device": device_name or dist.device_type,
                            "peak_tflops_per_device": peak / 1e12 if peak else None,
                            "world_size": dist.world_size, **layout.batch_sizes()})
+    background = cfg.trainer.async_save
+    if background is None:
+        background = dist.device_type == "cuda"
     checkpointer = Checkpointer(run_dir / "checkpoints", dist, cfg.trainer.keep_last,
-                                cfg.trainer.seed)
+                                cfg.trainer.seed, background=background)
     merge_rules = reshard.universal_info(module.module, padded, cfg.model.activation == "swiglu")
     pin = dist.device_type == "cuda"
 
@@ -115,7 +118,8 @@ def build_run(cfg: Config, dist: Dist, sources: Sources, run_dir: Path,
                            universal_info=merge_rules)
 
     callbacks.append(CheckpointCallback(checkpointer, cfg.trainer.checkpoint_every,
-                                        cfg.trainer.checkpoint_every_min, client_state, extra_files))
+                                        cfg.trainer.checkpoint_every_min, client_state, extra_files,
+                                        background=background, tracker=tracker))
     # Stability after the metrics (a bad step is logged before a rollback) and before the
     # checkpoint (which saves its state); the watchdog's heartbeat last, after everything a step does.
     callbacks.insert(-1, StabilityCallback(cfg.stability, checkpointer))

@@ -14,6 +14,10 @@ crash at any point leaves the previous checkpoint as latest and loadable. A fail
 in the writes or in rank 0's commit, is agreed on (an all-reduce, then the failing rank's words
 broadcast) and ends every rank with the same CheckpointError, a full disk saying so.
 
+A background save (trainer.async_save; Checkpointer's doc) stages the state in host memory and
+returns; its files are written by a thread per rank (pretrain.checkpoint_writer), and the same
+commit happens at a later step boundary, once the ranks agree that every writer is done.
+
 A committed checkpoint whose files no longer match FILES (truncated or lost later, e.g. by a full
 disk or a bad copy), or whose FILES, layout.json or trainer.json is not what a save writes, is
 damaged: resuming from the latest one falls back, with a warning, to the newest intact checkpoint;
@@ -36,6 +40,8 @@ import os
 import random
 import re
 import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Optional
 
@@ -43,6 +49,7 @@ import numpy as np
 import torch
 
 from pretrain import faults
+from pretrain.checkpoint_writer import BackgroundWriter
 from pretrain.client_state import ClientState
 from pretrain.errors import CheckpointError
 from pretrain.fsio import atomic_write
@@ -255,19 +262,74 @@ def _describe(error: BaseException, where: Path) -> str:
             f"(or lower trainer.keep_last) and run the same command again")
 
 
+@dataclass
+class SaveReport:
+    """One committed save, for the metrics."""
+
+    step: int
+    path: Path
+    background: bool  # written by the background writer (trainer.async_save)
+    block_seconds: float  # the loop stopped for it: waiting for the save before, staging, commit
+    write_seconds: float  # writing its files: the writer thread's time, or the whole sync save
+    wait_seconds: float  # of block_seconds, waiting for the save before it to finish
+
+
+@dataclass
+class _InFlight:
+    """A background save whose files are being written; committed by poll() or finish()."""
+
+    step: int
+    tmp: Path
+    final: Path
+    state: ClientState
+    extra_files: Dict[str, Path]
+    block_seconds: float
+    wait_seconds: float
+
+
 class Checkpointer:
-    def __init__(self, root: Path, dist, keep_last: int = 3, seed: int = 0):
+    """Saves (synchronous, or staged and written in the background), commits, prunes, loads.
+
+    Background saves (`background=True`: trainer.async_save): `save(..., background=True)` stages
+    every rank's state in host memory, hands its files to this rank's writer thread
+    (pretrain.checkpoint_writer) and returns. The checkpoint stays `<name>.tmp` until a later
+    step boundary at which every rank's writer is done: `poll()` (collective, each step) agrees
+    on that, then rank 0 commits exactly as a synchronous save does. At most one save is in
+    flight: a save, a load (a rollback) or `finish()` waits for it and commits it first. A write
+    that failed on any rank is a CheckpointError on every rank at that boundary; the previous
+    checkpoint stays the latest and the .tmp is removed at the next start. Pruning (keep_last)
+    runs only at a commit and never removes the newest committed checkpoints nor one being loaded.
+    """
+
+    def __init__(self, root: Path, dist, keep_last: int = 3, seed: int = 0,
+                 background: bool = False):
         self.root = Path(root)
         self.dist = dist
         self.keep_last = keep_last
         self.seed = seed
+        self.writer = (BackgroundWriter(dist.rank, pin_memory=dist.device_type == "cuda")
+                       if background else None)
+        self.in_flight: Optional[_InFlight] = None
+        self._reports: List[SaveReport] = []  # committed saves not yet taken, oldest first
 
     def save(self, module, step: int, state: ClientState,
-             extra_files: Optional[Dict[str, Path]] = None) -> Path:
+             extra_files: Optional[Dict[str, Path]] = None, background: bool = False
+             ) -> Optional[Path]:
         """Collective: every rank calls it with the step module (pretrain.step) whose engine state
         to save. Returns the committed directory; a failure on any rank is a CheckpointError on
-        every rank."""
+        every rank. background=True (needs a Checkpointer made with background=True): returns
+        None once the state is staged; a later poll() or finish() commits it."""
+        t0 = time.perf_counter()
         name = step_name(step)
+        if self.in_flight is not None:
+            if self.dist.is_main:
+                log.info("checkpoint %s is due while %s is still being written: waiting for it",
+                         name, self.in_flight.final.name)
+            self.finish(charge=False)  # the wait is this save's block time
+        wait = time.perf_counter() - t0
+        writer = self.writer if background else None
+        if background and writer is None:
+            raise ValueError("a background save needs Checkpointer(background=True)")
         tmp = self.root / (name + ".tmp")
         final = self.root / name
         if self.dist.is_main:
@@ -276,7 +338,9 @@ class Checkpointer:
         self.dist.barrier()
         error: Optional[BaseException] = None
         try:
-            module.save(self.root, tmp.name, state.to_dict())
+            if writer is not None:
+                writer.begin(step)
+            module.save(self.root, tmp.name, state.to_dict(), writer)
             torch.save(rng_state(), tmp / f"rng_rank{self.dist.rank:05d}.pt")
             if faults.active("crash_in_save", step, self.dist.rank):
                 raise faults.InjectedFault(f"injected failure after rank {self.dist.rank} wrote")
@@ -287,21 +351,86 @@ class Checkpointer:
         if failed:
             raise CheckpointError(f"saving {name} failed {failed}; {self._kept()} and {tmp} is "
                                   f"removed at the next start") from error
+        pending = _InFlight(step, tmp, final, state, extra_files or {},
+                            time.perf_counter() - t0, wait)
+        if writer is not None:
+            self.in_flight = pending
+            return None
+        return self._commit_agreed(pending, background=False)
+
+    def take_reports(self) -> List[SaveReport]:
+        """The saves committed since the last call (by a save, poll, finish or load), oldest first."""
+        reports, self._reports = self._reports, []
+        return reports
+
+    def poll(self) -> Optional[Path]:
+        """Collective, at a step boundary: commit the save in flight once every rank's writer is
+        done (returns its directory); None while any rank is still writing, or none is in
+        flight. A write that failed on any rank is a CheckpointError on every rank."""
+        if self.in_flight is None or not self._writes_agreed(wait=False):
+            return None
+        return self._commit_in_flight(protect=None, blocked=0.0)
+
+    def finish(self, protect: Optional[Path] = None, charge: bool = True) -> Optional[Path]:
+        """Collective: wait for the save in flight, if any, and commit it (at the end, before a
+        stop's save, before a load). `protect`: a checkpoint the commit's pruning must keep.
+        charge: count the wait in that save's block time (not when a new save waits for it)."""
+        if self.in_flight is None:
+            return None
+        t0 = time.perf_counter()
+        self._writes_agreed(wait=True)
+        return self._commit_in_flight(protect, time.perf_counter() - t0 if charge else 0.0)
+
+    def _writes_agreed(self, wait: bool) -> bool:
+        """Collective: True when every rank's writer is done; False while any is writing; a
+        CheckpointError on every rank when any rank's write failed."""
+        if wait:
+            self.writer.wait()
+        error = self.writer.error
+        code = 2 + self.dist.rank if error is not None else (0 if self.writer.idle() else 1)
+        agreed = int(self.dist.all_reduce_max(code))
+        if agreed < 2:
+            return agreed == 0
+        pending, self.in_flight = self.in_flight, None
+        src = agreed - 2
+        words = self.dist.broadcast_object(
+            _describe(error, self.root) if self.dist.rank == src else None, src=src)
+        raise CheckpointError(f"saving {pending.final.name} failed on rank {src}: {words}; "
+                              f"{self._kept()} and {pending.tmp} is removed at the next start"
+                              ) from error
+
+    def _commit_in_flight(self, protect: Optional[Path], blocked: float) -> Path:
+        pending, self.in_flight = self.in_flight, None
+        pending.block_seconds += blocked
+        return self._commit_agreed(pending, background=True, protect=protect)
+
+    def _commit_agreed(self, pending: _InFlight, background: bool,
+                       protect: Optional[Path] = None) -> Path:
+        """Collective, once every rank's files are on disk: rank 0 commits, the ranks agree on
+        its outcome, rank 0 prunes."""
+        t0 = time.perf_counter()
+        error: Optional[BaseException] = None
         if self.dist.is_main:
             try:
-                self._commit(tmp, final, step, state, extra_files or {})
+                self._commit(pending.tmp, pending.final, pending.step, pending.state,
+                             pending.extra_files)
             except Exception as e:  # rank 0's alone: the others learn of it below, not by timeout
                 error = e
         failed = self._agree(error)
         if failed:
-            raise CheckpointError(f"committing {name} failed {failed}; {self._kept()}") from error
+            raise CheckpointError(f"committing {pending.final.name} failed {failed}; "
+                                  f"{self._kept()}") from error
         if self.dist.is_main:
             try:
-                self._prune(keep=final)
+                self._prune(keep=pending.final, protect=protect)
             except OSError as e:  # the save is committed; the others no longer wait for rank 0
                 log.warning("could not remove checkpoints older than the newest %d: %s",
                             self.keep_last, e)
-        return final
+        block = pending.block_seconds + time.perf_counter() - t0
+        self._reports.append(SaveReport(
+            pending.step, pending.final, background, block,
+            self.writer.write_seconds if background else block, pending.wait_seconds))
+        return pending.final
 
     def _agree(self, error: Optional[BaseException]) -> Optional[str]:
         """Collective: None when no rank failed; else on every rank "on rank R: <R's error>"."""
@@ -339,10 +468,10 @@ class Checkpointer:
             os.replace(tmp, final)
         atomic_write(self.root / "latest", final.name)
 
-    def _prune(self, keep: Path) -> None:
+    def _prune(self, keep: Path, protect: Optional[Path] = None) -> None:
         found = committed(self.root)
         for old in found[:-self.keep_last]:
-            if old != keep:
+            if old not in (keep, protect):
                 shutil.rmtree(universal_dir(old), ignore_errors=True)
                 shutil.rmtree(old, ignore_errors=True)
 
@@ -351,6 +480,7 @@ class Checkpointer:
         this rank's RNG state; returns the client state saved with it. `path` may be a universal
         form (pretrain.reshard), for a module built to load one. Every file is read weights-only."""
         path = Path(path)
+        self.finish(protect=path)  # a rollback while a save is in flight: commit it first
         if not (path / MARKER).exists():
             raise CheckpointError(f"{path} has no {MARKER} marker: it is an incomplete save; "
                                   f"point trainer.resume_from at a committed checkpoint")

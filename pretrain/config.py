@@ -292,6 +292,10 @@ class TrainerConfig:
     # Exit (stacks dumped to stderr and RUN_DIR/stacks/) when no step has finished for this many
     # minutes: it must exceed the longest step including its checkpoint save and eval. 0: off.
     watchdog_min: float = 30.0
+    # Scheduled checkpoints staged in host memory and written by a background thread, committed
+    # at a later step once every rank is done (pretrain.checkpoint). null: on with CUDA, off on
+    # CPU (where staging costs about as much as the write: README "Resuming").
+    async_save: Optional[bool] = None
 
     def validate(self) -> None:
         p = "trainer"
@@ -306,6 +310,8 @@ class TrainerConfig:
         _check(self.progress_bar in ("auto", "on", "off"), f"{p}.progress_bar",
                "must be auto, on or off")
         _check(self.watchdog_min >= 0, f"{p}.watchdog_min", "must be >= 0 (0 turns it off)")
+        _check(self.async_save in (None, True, False), f"{p}.async_save",
+               f"must be true, false or null (null: true on GPU), got {self.async_save!r}")
         if self.global_batch_size is not None:
             _check(self.global_batch_size > 0, f"{p}.global_batch_size", "must be positive")
 

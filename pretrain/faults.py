@@ -12,6 +12,10 @@ every check is a dictionary lookup that finds nothing. Steps are 1-based, as in 
     crash_in_save  the rank fails after writing its part of the step-k checkpoint
     enospc_in_commit  rank 0's commit of the step-k checkpoint (after FILES, before the marker)
                    fails as on a full disk (OSError ENOSPC)
+    slow_write  the rank's background writer (trainer.async_save) holds the step-k checkpoint's
+                first file for a few seconds before writing it (pretrain.checkpoint_writer)
+    enospc_in_write  the rank's background write of the step-k checkpoint fails as on a full
+                disk (OSError ENOSPC)
 
 Faults model transient failures: each fires at most once per process, and never in a worker that
 torchrun restarted (TORCHELASTIC_RESTART_COUNT > 0), so that a drill's restart or rollback

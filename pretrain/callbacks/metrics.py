@@ -40,6 +40,9 @@ WANDB_NAMES = {
     "consumed_samples": "data/consumed_samples", "epoch": "data/epoch", "shard": "data/shard",
     "dataset": "data/dataset",
     "val_loss": "val/loss", "val_ppl": "val/perplexity",
+    # one record per committed checkpoint (pretrain.callbacks.checkpointing)
+    "checkpoint_step": "checkpoint/step", "checkpoint_block_s": "perf/checkpoint_block_s",
+    "checkpoint_write_s": "perf/checkpoint_write_s", "checkpoint_wait_s": "perf/checkpoint_wait_s",
 }
 
 

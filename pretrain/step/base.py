@@ -8,6 +8,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
 
+from pretrain.checkpoint_writer import BackgroundWriter
 from pretrain.reasons import SkipReason
 
 # The all-rank mean loss of the step -> the reason to discard its update, or None.
@@ -48,9 +49,13 @@ class StepModule:
         """The last step's global gradient norm before clipping (not collective)."""
         raise NotImplementedError
 
-    def save(self, root: Path, tag: str, client_state: Dict[str, Any]) -> None:
+    def save(self, root: Path, tag: str, client_state: Dict[str, Any],
+             writer: Optional[BackgroundWriter] = None) -> None:
         """Write this rank's share of the engine state to root/tag, with client_state; a write
-        that fails on this rank raises after every rank has finished writing."""
+        that fails on this rank raises after every rank has finished writing. With a writer
+        (pretrain.checkpoint_writer), the state is staged in host memory and its files are handed
+        to the writer's thread: the call returns before they are on disk, and their failures are
+        the writer's to report."""
         raise NotImplementedError
 
     def load(self, path: Path, load_optimizer: bool = True) -> Dict[str, Any]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
+
+from pretrain.checkpoint_writer import BackgroundWriter
 
 
 def repair_optimizer(optimizer: torch.optim.Optimizer, decay: List[float]) -> None:
@@ -69,12 +71,17 @@ def model_file_read_once(engine, reuse: bool):
             first.clear()
 
 
-def save_engine(engine, root: Path, tag: str, client_state: Dict[str, Any]) -> None:
+def save_engine(engine, root: Path, tag: str, client_state: Dict[str, Any],
+                writer: Optional[BackgroundWriter] = None) -> None:
     """engine.save_checkpoint, where a write that fails on one rank strands no other: DeepSpeed
     0.19.8's save ends in a barrier, which a rank whose write raised (a full disk) would skip,
     leaving the others in it until the collective timeout. Its checkpoint engine's writes and rank
     0's copy of its recovery scripts record their failure instead, the save runs on to its
-    barrier, and the first failure is raised after."""
+    barrier, and the first failure is raised after.
+
+    With a writer, each of the checkpoint engine's writes (one per model or optimizer file) is
+    staged in host memory and handed to the writer's thread instead (its failures surface later,
+    through the writer); DeepSpeed's small files (its recovery script) are still written here."""
     failures: List[BaseException] = []
 
     def deferred(write: Callable) -> Callable:
@@ -86,7 +93,12 @@ def save_engine(engine, root: Path, tag: str, client_state: Dict[str, Any]) -> N
         return call
 
     ce = engine.checkpoint_engine
-    with _patched(ce, "save", deferred(ce.save)), \
+    original = ce.save  # bound now: ce.save is patched below, the writer's thread runs later
+
+    def staged(state_dict, path):
+        writer.submit(original, state_dict, path)
+
+    with _patched(ce, "save", deferred(original if writer is None else staged)), \
             _patched(engine, "_copy_recovery_script", deferred(engine._copy_recovery_script)):
         engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     if failures:
