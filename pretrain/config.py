@@ -294,7 +294,7 @@ class TrainerConfig:
     watchdog_min: float = 30.0
     # Scheduled checkpoints staged in host memory and written by a background thread, committed
     # at a later step once every rank is done (pretrain.checkpoint). null: on with CUDA, off on
-    # CPU (where staging costs about as much as the write: README "Resuming").
+    # CPU (there the writer thread slows the next steps by about what it saves: README "Resuming").
     async_save: Optional[bool] = None
 
     def validate(self) -> None:
