@@ -181,6 +181,20 @@ def test_full_disk_in_a_background_write_ends_every_rank(tiny_dataset, tmp_path)
     assert "step 3/4" in proc.stdout and "step 4/4" not in proc.stdout  # the next boundary
 
 
+@pytest.mark.slow
+def test_a_rollback_waits_for_the_save_in_flight_and_returns_to_it(tiny_dataset, tmp_path):
+    """Steps 3 and 4 bad while step 2's save is still being written (held): the rollback first
+    finishes that save, then returns to it; without the wait no checkpoint from before the streak
+    would be committed yet and the run would stop."""
+    run = tmp_path / "run"
+    faults = "slow_write@2,nan_loss@3:0,nan_loss@4:1"
+    proc = run_train(tiny_overrides(tiny_dataset, run, steps=6, trainer__async_save="true",
+                                    trainer__checkpoint_every=2, stability__max_bad_steps=2),
+                     nproc=2, env={"PRETRAIN_FAULTS": faults})
+    assert "rolled back to step_00000002" in proc.stdout, proc.stdout[-3000:]
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3, 4, 3, 4, 5, 6]
+
+
 def test_async_bench_times_both_saves(dist, tmp_path):
     from bench import bench_checkpoint as bc
 

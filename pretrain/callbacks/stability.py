@@ -84,6 +84,7 @@ class StabilityCallback(Callback):
         if self.streak < self.cfg.max_bad_steps:
             return
         first_bad = step - self.streak + 1
+        self.checkpointer.finish()  # a background save from before the streak is a candidate too
         target = self._rollback_target(first_bad)
         what = (f"{self.streak} consecutive steps ({first_bad}..{step}) were skipped, the last "
                 f"for {out.skipped}")
