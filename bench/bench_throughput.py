@@ -14,7 +14,8 @@ tokens/s x (6 N + 12 L H Q T) (pretrain.model.flops, BENCHMARKS.md); MFU divides
 device's peak dense bf16 FLOP/s, printed only for a device whose peak is known.
 
 The micro-batch defaults to the largest that `pretrain-plan` says fits the device's memory
-(capped at --max-micro); `--tiny` shrinks the preset to a few layers for a CPU check.
+(capped at --max-micro); `--tiny` shrinks the preset to a few layers for a CPU check. The peak
+memory the step allocated on the GPU is printed beside what pretrain-plan predicts for it.
 """
 
 from __future__ import annotations
@@ -48,14 +49,19 @@ class ThroughputResult:
     peak_tflops: Optional[float]
     mfu: Optional[float]
     loss: float
+    peak_memory_gib: Optional[float] = None  # allocated by the step on the GPU (None on CPU)
+    planned_gib: Optional[float] = None  # what pretrain-plan predicts for this step
 
     def row(self) -> List[object]:
+        measured = f"{self.peak_memory_gib:.2f}" if self.peak_memory_gib is not None else "n/a"
         return [self.preset, self.device, self.precision, self.micro_batch, self.seq_len,
                 round(self.tokens_per_s), self.tflops,
-                f"{self.mfu:.1%}" if self.mfu is not None else "n/a (peak unknown)"]
+                f"{self.mfu:.1%}" if self.mfu is not None else "n/a (peak unknown)",
+                f"{measured} / {self.planned_gib:.2f}"]
 
 
-HEADERS = ["preset", "device", "precision", "micro", "seq", "tokens/s", "TFLOP/s", "MFU"]
+HEADERS = ["preset", "device", "precision", "micro", "seq", "tokens/s", "TFLOP/s", "MFU",
+           "peak GiB / planned"]
 
 
 def configure(preset: str, device: str, tiny: bool, micro: Optional[int], max_micro: int,
@@ -110,6 +116,8 @@ def run(preset: str, tiny: bool = False, steps: Optional[int] = None, warmup: Op
     if cfg.trainer.compile:
         model = torch.compile(model)
     module = build_step_module(model, cfg, dist)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(dist.device)
     m, s = cfg.trainer.micro_batch_size, cfg.model.seq_len
     tokens = torch.randint(0, cfg.model.vocab_size, (m, s + 1), device=dist.device)
 
@@ -129,10 +137,14 @@ def run(preset: str, tiny: bool = False, steps: Optional[int] = None, warmup: Op
     name = torch.cuda.get_device_name(dist.device) if on_gpu else "cpu"
     peak = peak_flops(name) if on_gpu else None
     achieved = tok_s * fpt
+    from pretrain.plan import GIB, make_plan
+
+    measured = torch.cuda.max_memory_allocated(dist.device) / GIB if on_gpu else None
+    planned = make_plan(cfg).gpu_bytes(cfg.parallel.zero_stage, m) / GIB
     return ThroughputResult(preset + (" (tiny)" if tiny else ""), name, cfg.trainer.precision, m,
                             s, steps, seconds, tok_s, fpt, achieved / 1e12,
                             peak / 1e12 if peak else None, achieved / peak if peak else None,
-                            float(loss))
+                            float(loss), measured, planned)
 
 
 def _dist(device_type: str):

@@ -89,6 +89,25 @@ def test_throughput_bench_cpu_path(dist):
     assert res.tflops == pytest.approx(res.tokens_per_s * res.flops_per_token / 1e12)
     with pytest.raises(SystemExit, match="--tiny"):
         bt.run("gpt2-124m", tiny=False)
+    assert res.peak_memory_gib is None and res.planned_gib > 0  # measured on a GPU only
+
+
+def test_gpu_check_script_dry_path(tmp_path):
+    """bench/gpu_check.sh --dry: the GPU readiness script's whole path on tiny models on CPU."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.launch_helpers import REPO, cpu_env
+
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry"], cwd=REPO,
+                          env=cpu_env({"PYTHON": sys.executable}), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["preset"] for r in results] == ["gpt2-124m (tiny)", "gpt-1.3b (tiny)"]
+    assert all(r["tokens_per_s"] > 0 and r["planned_gib"] > 0 for r in results)
+    assert "sequence parallelism: skipped, it needs 2 GPUs" in proc.stdout
 
 
 def test_loader_bench_reads_what_the_peer_reads(tmp_path):
