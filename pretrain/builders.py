@@ -67,8 +67,10 @@ def build_run(cfg: Config, dist: Dist, sources: Sources, run_dir: Path,
     layout = dist.layout
     padded = layout.padded_vocab_size
     log_fallbacks(cfg.model.normalization, dist.device_type)
-    model = GPT(cfg.model, padded, layout.tp, dist.device_type,
-                layout.sequence_parallel).to(dist.device)
+    compute_dtype = torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32
+    model = GPT(cfg.model, padded, layout.tp, dist.device_type, layout.sequence_parallel,
+                pp=layout.pp, seed=cfg.trainer.seed, device=dist.device,
+                pipeline_dtype=compute_dtype)
     n_params = count_parameters(model)
     if cfg.trainer.compile:
         model = torch.compile(model)

@@ -408,8 +408,18 @@ class Config:
         _check(not par.sequence_parallel or m.seq_len % par.tp == 0, "parallel.sequence_parallel",
                f"model.seq_len={m.seq_len} must be divisible by parallel.tp={par.tp}")
         if for_training:
-            _check(par.pp == 1, "parallel.pp", f"parallel.pp > 1 ({par.pp}): pipeline parallelism "
-                   "is not implemented in training yet; pretrain-plan can plan it")
+            # The pipeline step (pretrain.step.pipeline_step) runs megatron's 1F1B schedule with
+            # DeepSpeed's ZeRO-1 doing the reduction and the update. Its fp32 ZeRO-0 clipping
+            # counts replicated parameters on the first stage only, ZeRO-2 fails and ZeRO-3 hangs
+            # under the schedule (FIELD-NOTES); fp16 would need the schedule to scale the loss.
+            _check(par.pp == 1 or par.zero_stage == 1, "parallel.zero_stage",
+                   f"parallel.pp={par.pp} runs with ZeRO-1 only, got parallel.zero_stage="
+                   f"{par.zero_stage}: use parallel.zero_stage=1")
+            _check(par.pp == 1 or self.trainer.precision != "fp16", "trainer.precision",
+                   f"fp16 with parallel.pp={par.pp} is not supported: use trainer.precision=bf16")
+            _check(par.pp == 1 or not self.trainer.compile, "trainer.compile",
+                   f"torch.compile with parallel.pp={par.pp} is not supported: the pipeline "
+                   f"schedule drives the stage's module itself; use trainer.compile=false")
             # Untested: DeepSpeed's ZeRO-3 partitions the SP-marked norms whose gradients the
             # step module sums over the TP group by a hook on the parameter.
             _check(not (par.sequence_parallel and par.zero_stage == 3), "parallel.sequence_parallel",

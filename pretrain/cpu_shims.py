@@ -95,3 +95,20 @@ def seed_tensor_parallel_rng(seed: int, tp_rank: int) -> None:
     tracker.add(mp_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024)
     mp_random._CUDA_RNG_STATE_TRACKER = tracker
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+class _CudaToCpu(torch.overrides.TorchFunctionMode):
+    """Inside megatron's pipeline schedule: tensors it creates with device="cuda" (its token
+    counters) are made on the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if device is not None and str(device).startswith("cuda"):
+            kwargs = dict(kwargs, device="cpu")
+        return func(*args, **kwargs)
+
+
+def cuda_tensors_on_cpu(device_type: str):
+    """A context in which device="cuda" means the CPU, on CPU runs; nothing on GPU runs."""
+    return _CudaToCpu() if device_type == "cpu" else contextlib.nullcontext()

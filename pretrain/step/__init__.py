@@ -5,8 +5,9 @@ optimizer step over a step's micro-batches with a veto, the evaluation loss, the
 the learning rate, and save/load of the engine's state. `DeepSpeedStep` (deepspeed_step.py) is
 today's implementation, data + tensor parallel through DeepSpeed ZeRO 0-3; it and the files
 beside it are the only code that touches DeepSpeed (its config, the megatron mpu adapter, the
-patches to its private parts, the version they are written against). A pipeline schedule is a
-second implementation behind the same interface.
+patches to its private parts, the version they are written against). `PipelineStep`
+(pipeline_step.py) is the second implementation: megatron-core's 1F1B schedule over this rank's
+pipeline stage, the same engine reducing and updating.
 """
 
 from pretrain.step.base import StepModule, StepResult
@@ -15,7 +16,12 @@ __all__ = ["StepModule", "StepResult", "build_step_module"]
 
 
 def build_step_module(model, cfg, dist, load_universal: bool = False) -> StepModule:
-    """The step module for this run's layout (today: DeepSpeed, data + tensor parallel)."""
+    """The step module for this run's layout: DeepSpeed's data + tensor parallel step, or with
+    parallel.pp > 1 megatron's pipeline schedule around the same engine."""
+    if dist.layout.pp > 1:
+        from pretrain.step.pipeline_step import PipelineStep
+
+        return PipelineStep(model, cfg, dist, load_universal)
     from pretrain.step.deepspeed_step import DeepSpeedStep
 
     return DeepSpeedStep(model, cfg, dist, load_universal)

@@ -58,14 +58,32 @@ class MegatronMPU:
         return getattr(self._ps, name)
 
 
+class PipelineMPU(MegatronMPU):
+    """Under pipeline parallelism DeepSpeed's model-parallel group is TP x PP: the gradient norm
+    is summed over every stage (replicated parameters counted on TP rank 0 of each stage, which
+    DeepSpeed reads through get_tensor_model_parallel_rank), and each stage's TP ranks save their
+    own `mp_rank_XX` model file."""
+
+    def get_model_parallel_world_size(self) -> int:
+        return torch.distributed.get_world_size(group=self._ps.get_model_parallel_group())
+
+    def get_model_parallel_rank(self) -> int:
+        return torch.distributed.get_rank(group=self._ps.get_model_parallel_group())
+
+    def get_model_parallel_group(self):
+        return self._ps.get_model_parallel_group()
+
+
 def deepspeed_config(cfg: Config, layout: Layout, device_type: str,
                      load_universal: bool = False) -> Dict[str, Any]:
     """The engine's config for `layout` on `device_type` (cpu | cuda); the planner calls it too."""
     precision = cfg.trainer.precision
     zero: Dict[str, Any] = {"stage": cfg.parallel.zero_stage}
+    pipeline = layout.pp > 1
     if cfg.parallel.zero_stage >= 1:
-        # Overlapped, bucketed gradient reduction where the stage supports it.
-        zero.update(overlap_comm=device_type == "cuda", contiguous_gradients=True,
+        # Overlapped, bucketed gradient reduction where the stage supports it (not where step()
+        # owns the accumulation boundary: DeepSpeed allows overlap there with ZeRO-2 only).
+        zero.update(overlap_comm=device_type == "cuda" and not pipeline, contiguous_gradients=True,
                     reduce_bucket_size=int(2e8), allgather_bucket_size=int(2e8))
     if cfg.parallel.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
@@ -84,6 +102,9 @@ def deepspeed_config(cfg: Config, layout: Layout, device_type: str,
         "wall_clock_breakdown": False,
         # True to resume from a universal checkpoint at another layout (pretrain.reshard).
         "checkpoint": {"load_universal": load_universal},
+        # Under pipeline parallelism megatron's schedule runs the backward passes; step() is then
+        # the accumulation boundary: it reduces the gradients over data parallel and updates.
+        "managed_gradient_accumulation": not pipeline,
     }
 
 
@@ -100,7 +121,7 @@ def build_engine(model: nn.Module, cfg: Config, dist, load_universal: bool = Fal
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        mpu=MegatronMPU(),
+        mpu=PipelineMPU() if dist.layout.pp > 1 else MegatronMPU(),
         config=deepspeed_config(cfg, dist.layout, dist.device_type, load_universal),
         dist_init_required=False,
     )

@@ -113,7 +113,9 @@ class DeepSpeedStep(StepModule):
         base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer
         decay = [g["weight_decay"] for g in base.param_groups]
         try:
-            with weights_only_loads(), model_file_read_once(engine, self.dist.tp_rank == 0):
+            # The first model file DeepSpeed reads (mp_rank_00) is model-parallel rank 0's own.
+            first_file = engine.mpu is None or engine.mpu.get_model_parallel_rank() == 0
+            with weights_only_loads(), model_file_read_once(engine, first_file):
                 loaded, client = engine.load_checkpoint(
                     str(path.parent), tag=path.name, load_optimizer_states=load_optimizer,
                     load_lr_scheduler_states=load_optimizer, load_module_strict=True)

@@ -1,0 +1,92 @@
+"""Layout-independent weight initialisation: every tensor drawn from its own generator.
+
+Each parameter is seeded from (seed, its global name): the name with the stage-local layer number
+replaced by the global one (`decoder.layers.3` on pipeline stage 1 of 2 with 8 layers is layer 7),
+and a tied output layer named after the word embedding it copies. The whole tensor is drawn, then
+this rank's tensor-parallel slice is taken the way megatron-core splits it (partition_dim,
+partition_stride), so any TP, PP or DP layout starts from the same model, whatever the order in
+which the stages build their layers.
+
+The distributions are megatron-core's defaults for a GPT (TransformerConfig): weights N(0, std),
+the two residual-branch output projections (attention's linear_proj, the MLP's linear_fc2)
+N(0, std / sqrt(2 x num_layers)), biases 0, norm weights 1 and norm biases 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from typing import Iterable, Tuple
+
+import torch
+
+_LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")
+_NORM_WEIGHT = re.compile(r"(layernorm|layer_norm)(\.weight|_weight)$")
+_NORM_BIAS = re.compile(r"(layernorm|layer_norm)(\.bias|_bias)$")
+_SCALED = re.compile(r"(linear_proj|linear_fc2)\.weight$")
+_NORMAL = re.compile(r"(word_embeddings|position_embeddings|linear_qkv|linear_fc1|output_layer)"
+                     r"\.weight$")
+
+
+def global_name(name: str, layer_offset: int, tied: bool) -> str:
+    """The parameter's name in the whole model (pipeline stage 0 of 1)."""
+    name = _LAYER.sub(lambda m: f"{m.group(1)}layers.{int(m.group(2)) + layer_offset}.", name, 1)
+    if tied and name.endswith("output_layer.weight"):
+        return name[: -len("output_layer.weight")] + "embedding.word_embeddings.weight"
+    return name
+
+
+def rule(name: str, init_std: float, num_layers: int) -> Tuple[str, float]:
+    """(kind, std) for a parameter: ("normal", std), ("ones", 0) or ("zeros", 0)."""
+    if _NORM_WEIGHT.search(name):
+        return "ones", 0.0
+    if _NORM_BIAS.search(name) or name.endswith(".bias"):
+        return "zeros", 0.0
+    if _SCALED.search(name):
+        return "normal", init_std / math.sqrt(2.0 * num_layers)
+    if _NORMAL.search(name):
+        return "normal", init_std
+    raise ValueError(f"no initialisation rule for parameter {name!r}: add one to "
+                     f"pretrain/model/init.py")
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def local_slice(full: torch.Tensor, dim: int, stride: int, tp: int, tp_rank: int) -> torch.Tensor:
+    """This TP rank's part of `full`, as megatron-core splits a master weight: `tp x stride`
+    equal chunks along `dim`, rank r keeping chunks r, r + tp, ... (stride 2: a gated MLP's
+    fc1 holds [gate_r; up_r])."""
+    if tp == 1:
+        return full
+    chunks = torch.chunk(full, tp * stride, dim=dim)
+    return torch.cat(chunks[tp_rank::tp], dim=dim)
+
+
+@torch.no_grad()
+def initialize(named_parameters: Iterable[Tuple[str, torch.nn.Parameter]], *, seed: int,
+               init_std: float, num_layers: int, tp: int, tp_rank: int, layer_offset: int = 0,
+               tied: bool = False) -> None:
+    """Fill every parameter in place (they may be uninitialised memory, e.g. after
+    `Module.to_empty`). Names are megatron GPTModel's, stage-local."""
+    for name, p in named_parameters:
+        gname = global_name(name, layer_offset, tied)
+        kind, std = rule(gname, init_std, num_layers)
+        if kind == "ones":
+            p.fill_(1.0)
+            continue
+        if kind == "zeros":
+            p.zero_()
+            continue
+        shape = list(p.shape)
+        sharded = getattr(p, "tensor_model_parallel", False) and tp > 1
+        dim, stride = getattr(p, "partition_dim", 0), getattr(p, "partition_stride", 1)
+        if sharded:
+            shape[dim] *= tp
+        full = torch.empty(shape, dtype=torch.float32)
+        full.normal_(0.0, std, generator=_generator(seed, gname))
+        part = local_slice(full, dim, stride, tp, tp_rank) if sharded else full
+        p.copy_(part.to(p.dtype))
