@@ -47,7 +47,8 @@ class Dist:
         penv = read_process_env(os.environ if env is None else env)
         if layout is None:
             layout = Layout.build(penv.world_size, tp=parallel.tp, zero_stage=parallel.zero_stage,
-                                  micro_batch_size=1, global_batch_size=None)
+                                  micro_batch_size=1, global_batch_size=None, pp=parallel.pp,
+                                  sequence_parallel=parallel.sequence_parallel)
         if layout.world_size != penv.world_size:
             raise ConfigError(f"parallel.tp: the layout ({layout}) needs {layout.world_size} "
                               f"processes but {penv.world_size} were launched")

@@ -132,6 +132,13 @@ def needs_universal(step_dir: Path, saved: Layout, current: Layout) -> bool:
         return False
     keep = (f"resume at parallel.tp={saved.tp} with {saved.tp * saved.dp} processes "
             f"(data-parallel size {saved.dp})")
+    if saved.pp > 1 or current.pp > 1:
+        # Each stage's files name their layers from 0; DeepSpeed's universal converter would
+        # take the stages for tensor-parallel slices of one another.
+        raise CheckpointError(
+            f"{step_dir} ({saved}) cannot be resumed at {current}: resharding a pipeline-"
+            f"parallel checkpoint is not supported; resume at its layout (parallel.pp={saved.pp}"
+            f" parallel.tp={saved.tp} with {saved.world_size} processes)")
     if not any(_OPTIM_FILE.match(f.name) for f in step_dir.iterdir()):
         # fp32 ZeRO 0: the optimizer state sits whole in each TP rank's model file.
         if (saved.tp, saved.padded_vocab_size) == (current.tp, current.padded_vocab_size):

@@ -41,6 +41,9 @@ CASES = {
     "zero2_dp2": (2, dict(parallel__zero_stage=2), [3, 6]),
     "zero3_dp2": (2, dict(parallel__zero_stage=3), [3, 6]),
     "tp2_zero1_grad_accum": (2, dict(parallel__tp=2, trainer__global_batch_size=8), [3, 6]),
+    # Pipeline stages (megatron's 1F1B schedule), dropout on both, 2 micro-batches per step.
+    "pp2_zero1": (2, dict(parallel__pp=2, parallel__zero_stage=1,
+                          trainer__global_batch_size=8), [3, 6]),
 }
 
 

@@ -69,7 +69,7 @@ def _serve(rank: int, world: int, port: int, conn, log_path: str) -> None:
     rendezvous = dict(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
-        tp = 1
+        tp = (1, 1)
         _dist(rendezvous, tp, seed=0, new_tp=True)
         conn.send(("ready", None, None))
     except BaseException as e:  # noqa: BLE001 - the test process says why
@@ -80,7 +80,7 @@ def _serve(rank: int, world: int, port: int, conn, log_path: str) -> None:
         for sig, handler in handlers.items():  # what a previous call installed goes
             signal.signal(sig, handler)
         try:
-            fn, args, kwargs, want_tp, seed = conn.recv()
+            fn, args, kwargs, want_tp, seed = conn.recv()  # want_tp: (tp, pp)
         except EOFError:  # the test process is gone
             return
         try:
@@ -93,9 +93,9 @@ def _serve(rank: int, world: int, port: int, conn, log_path: str) -> None:
         conn.send(reply)
 
 
-def _dist(rendezvous: Dict[str, str], tp: int, seed: int, new_tp: bool):
-    """This rank's Dist at TP degree tp, seeded; the process group is started once, megatron's
-    model-parallel state again when the degree changes."""
+def _dist(rendezvous: Dict[str, str], degrees, seed: int, new_tp: bool):
+    """This rank's Dist at degrees (tp, pp), seeded; the process group is started once, megatron's
+    model-parallel state again when a degree changes."""
     import torch
     from megatron.core import parallel_state
 
@@ -105,7 +105,9 @@ def _dist(rendezvous: Dict[str, str], tp: int, seed: int, new_tp: bool):
     torch.set_num_threads(1)
     if new_tp and parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    return Dist.from_env(ParallelConfig(tp=tp, device="cpu"), env=rendezvous).initialize(seed)
+    tp, pp = degrees
+    return Dist.from_env(ParallelConfig(tp=tp, pp=pp, device="cpu"),
+                         env=rendezvous).initialize(seed)
 
 
 def _picklable(e: BaseException):
@@ -236,13 +238,13 @@ def _raise(rank: int, reply: tuple):
 _POOLS: Dict[int, RankPool] = {}
 
 
-def run_on_ranks(world: int, fn: Callable, *args, tp: int = 1, seed: int = 0,
+def run_on_ranks(world: int, fn: Callable, *args, tp: int = 1, pp: int = 1, seed: int = 0,
                  timeout: float = 120, **kwargs) -> List[Any]:
-    """fn(dist, *args, **kwargs) on ranks 0..world-1 at TP degree tp, seeds set to seed; each
-    rank's result, in rank order. fn must be importable by name (module level)."""
+    """fn(dist, *args, **kwargs) on ranks 0..world-1 at TP degree tp and PP degree pp, seeds set
+    to seed; each rank's result, in rank order. fn must be importable by name (module level)."""
     if world not in _POOLS:
         _POOLS[world] = RankPool(world)
-    return _POOLS[world].run(fn, args, kwargs, tp, seed, timeout)
+    return _POOLS[world].run(fn, args, kwargs, (tp, pp), seed, timeout)
 
 
 @atexit.register

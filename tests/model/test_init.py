@@ -1,0 +1,152 @@
+"""pretrain/model/init.py: the same weights whatever the layout, with megatron-core's statistics,
+built on the meta device so that a rank only ever allocates its own shard."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from pretrain.config import ModelConfig
+from pretrain.model.init import global_name, local_slice, rule
+from tests.helpers.ranks import run_on_ranks
+
+GPT2 = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, seq_len=32,
+                   max_position_embeddings=32)
+LLAMA = dataclasses.replace(GPT2, normalization="RMSNorm", activation="swiglu",
+                            position_embedding="rope", bias=False, tie_embeddings=False,
+                            num_query_groups=2)
+STYLES = {"gpt2": GPT2, "llama": LLAMA}
+ROWS = 256  # padded vocabulary rows, divisible by every TP degree here
+
+
+def test_global_names_count_layers_over_the_stages_and_tie_the_output_layer():
+    assert global_name("decoder.layers.1.mlp.linear_fc1.weight", 4, False) == \
+        "decoder.layers.5.mlp.linear_fc1.weight"
+    assert global_name("gpt.decoder.layers.0.self_attention.linear_qkv.bias", 2, False) == \
+        "gpt.decoder.layers.2.self_attention.linear_qkv.bias"
+    assert global_name("decoder.final_layernorm.weight", 6, False) == "decoder.final_layernorm.weight"
+    assert global_name("output_layer.weight", 6, True) == "embedding.word_embeddings.weight"
+    assert global_name("output_layer.weight", 6, False) == "output_layer.weight"
+
+
+def test_rules_are_megatrons_defaults_and_an_unknown_tensor_is_an_error():
+    assert rule("decoder.layers.3.self_attention.linear_proj.weight", 0.02, 8) == ("normal", 0.005)
+    assert rule("decoder.layers.3.mlp.linear_fc2.weight", 0.02, 8) == ("normal", 0.005)
+    assert rule("decoder.layers.3.mlp.linear_fc1.weight", 0.02, 8) == ("normal", 0.02)
+    assert rule("decoder.final_layernorm.weight", 0.02, 8) == ("ones", 0.0)
+    assert rule("decoder.layers.0.self_attention.linear_qkv.layer_norm_weight", 0.02, 8)[0] == "ones"
+    assert rule("decoder.layers.0.mlp.linear_fc1.bias", 0.02, 8)[0] == "zeros"
+    with pytest.raises(ValueError, match="no initialisation rule.*router"):
+        rule("decoder.layers.0.mlp.router.weight", 0.02, 8)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("tp", [2, 4])
+def test_slices_are_the_ones_megatron_splits_a_master_weight_into(tp, dim, stride):
+    from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
+
+    rows, cols = 16 * stride, 24
+    full = torch.arange(rows * cols, dtype=torch.float32).reshape(rows, cols)
+    size = (rows if dim == 0 else cols)
+    for rank in range(tp):
+        shape = [rows, cols]
+        shape[dim] //= tp
+        theirs = torch.empty(shape)
+        _initialize_affine_weight_cpu(theirs, rows, cols, size // tp, dim,
+                                      lambda w: w.copy_(full), stride=stride, rank=rank,
+                                      world_size=tp, skip_set_tensor_parallel_attributes=True)
+        assert torch.equal(local_slice(full, dim, stride, tp, rank), theirs)
+
+
+def _named(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _megatron_initialised(dist, cfg):
+    """The same architecture initialised by megatron-core itself (on the CPU, not meta)."""
+    from megatron.core.models.gpt import GPTModel
+
+    from pretrain.model.gpt import transformer_config
+    from pretrain.model.spec import layer_spec
+
+    model = GPTModel(config=transformer_config(cfg, 1, "cpu"),
+                     transformer_layer_spec=layer_spec(cfg.normalization, False),
+                     vocab_size=ROWS, max_sequence_length=cfg.max_positions,
+                     share_embeddings_and_output_weights=cfg.tie_embeddings,
+                     position_embedding_type="rope" if cfg.position_embedding == "rope"
+                     else "learned_absolute")
+    return _named(model)
+
+
+def _ours(dist, cfg, init_seed=7):
+    """This rank's stage/shard, with the global names and megatron's split attributes."""
+    from megatron.core import parallel_state as ps
+
+    from pretrain.model.gpt import GPT
+
+    model = GPT(cfg, ROWS, dist.tp, "cpu", pp=dist.layout.pp, seed=init_seed)
+    offset = model.gpt.decoder.layers[0].layer_number - 1
+    out = {}
+    for name, p in model.gpt.named_parameters():
+        gname = global_name(name, offset, tied=False)  # the tied copy is compared as its own name
+        out[gname] = (p.detach().clone(), getattr(p, "tensor_model_parallel", False),
+                      getattr(p, "partition_dim", 0), getattr(p, "partition_stride", 1))
+    return {"tp_rank": ps.get_tensor_model_parallel_rank(), "params": out}
+
+
+@pytest.mark.parametrize("style", sorted(STYLES))
+def test_statistics_match_megatrons_own_initialisation(style):
+    cfg = dataclasses.replace(STYLES[style], hidden_size=256, ffn_hidden_size=1024)
+    theirs = run_on_ranks(1, _megatron_initialised, cfg)[0]
+    ours = {n: t for n, (t, *_rest) in run_on_ranks(1, _ours, cfg)[0]["params"].items()}
+    assert sorted(ours) == sorted(theirs)
+    for name, t in theirs.items():
+        o = ours[name]
+        assert o.shape == t.shape, name
+        if t.std() == 0:  # norms and biases: exactly megatron's constants
+            assert torch.equal(o, t), name
+        else:
+            assert float(o.std()) == pytest.approx(float(t.std()), rel=0.05), name
+            assert abs(float(o.mean())) < 0.1 * float(t.std()), name
+    assert not torch.equal(ours["embedding.word_embeddings.weight"],
+                           theirs["embedding.word_embeddings.weight"])
+
+
+def _assemble(results):
+    """The full tensors from every rank's shards (TP slices concatenated as megatron splits)."""
+    full = {}
+    by_name = {}
+    for r in results:
+        for name, (t, sharded, dim, stride) in r["params"].items():
+            by_name.setdefault(name, {})[r["tp_rank"]] = (t, sharded, dim, stride)
+    for name, parts in by_name.items():
+        t, sharded, dim, stride = parts[0]
+        tp = len(parts)
+        if not sharded or tp == 1:
+            full[name] = t
+            continue
+        chunks = [None] * (tp * stride)
+        for rank, (piece, *_rest) in parts.items():
+            for j, c in enumerate(torch.chunk(piece, stride, dim=dim)):
+                chunks[rank + j * tp] = c
+        full[name] = torch.cat(chunks, dim=dim)
+    return full
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("style", sorted(STYLES))
+def test_every_layout_starts_from_the_same_weights(style):
+    cfg = STYLES[style]
+    reference = _assemble(run_on_ranks(1, _ours, cfg))
+    for tp, pp in ((2, 1), (1, 2)):
+        full = _assemble(run_on_ranks(2, _ours, cfg, tp=tp, pp=pp))
+        if cfg.tie_embeddings and pp > 1:  # the last stage's copy of the tied embedding
+            assert torch.equal(full.pop("output_layer.weight"),
+                               reference["embedding.word_embeddings.weight"])
+        assert sorted(full) == sorted(reference), (tp, pp)
+        for name, t in reference.items():
+            assert torch.equal(full[name], t), (tp, pp, name)
+    other_seed = _assemble(run_on_ranks(1, _ours, cfg, init_seed=8))
+    assert not torch.equal(other_seed["decoder.layers.0.mlp.linear_fc1.weight"],
+                           reference["decoder.layers.0.mlp.linear_fc1.weight"])
