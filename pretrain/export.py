@@ -28,6 +28,7 @@ from pretrain.checkpoint import MARKER, damaged, find_latest
 from pretrain.safe_load import safe_load, weights_only_loads
 from pretrain.config import Config, ModelConfig
 from pretrain.errors import CheckpointError, ConfigError
+from pretrain.model.init import global_name
 
 State = Dict[str, torch.Tensor]
 
@@ -212,9 +213,26 @@ def merge_tensor_parallel(shards: List[State], swiglu: bool) -> State:
 
 
 def merged_state(step_dir: Path, cfg: Config) -> State:
-    """Our GPT's full fp32 state dict (TP=1 names and layout, vocabulary still padded)."""
-    shards = [_rank_state(step_dir, r) for r in range(cfg.parallel.tp)]
-    return merge_tensor_parallel(shards, swiglu=cfg.model.activation == "swiglu")
+    """Our GPT's full fp32 state dict (TP=1 names and layout, vocabulary still padded).
+
+    With pipeline parallelism each stage's files hold its layers numbered from 0 (model-parallel
+    rank = tp_rank + tp x pp_rank): the stages are merged over TP one by one, their layers renamed
+    to global numbers, and the last stage's copy of a tied embedding dropped."""
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    swiglu = cfg.model.activation == "swiglu"
+    per_stage = cfg.model.num_layers // pp
+    merged: State = {}
+    for stage in range(pp):
+        shards = [_rank_state(step_dir, stage * tp + r) for r in range(tp)]
+        for name, t in merge_tensor_parallel(shards, swiglu).items():
+            if pp > 1 and stage > 0 and cfg.model.tie_embeddings and "output_layer." in name:
+                continue  # the first stage's word embedding is the same tensor
+            gname = global_name(name, stage * per_stage, tied=False)
+            if gname in merged:
+                raise CheckpointError(f"{step_dir}: pipeline stages hold {gname} twice; the "
+                                      f"checkpoint does not match parallel.pp={pp}")
+            merged[gname] = t
+    return merged
 
 
 def load_merged_state(model: torch.nn.Module, state: State) -> None:

@@ -39,8 +39,15 @@ CASES = {
     "llama_tp2_zero1": (2, {**LLAMA, "parallel.tp": 2}),
     "llama_dp2_zero3": (2, {**LLAMA, "parallel.zero_stage": 3, "trainer.micro_batch_size": 1,
                             "model.make_vocab_size_divisible_by": 256}),
+    # Pipeline stages: layers renamed to global numbers, the tied output layer's copy dropped.
+    "gpt2_pp2_zero1": (2, {"parallel.pp": 2, "parallel.zero_stage": 1,
+                           "model.make_vocab_size_divisible_by": 256}),
+    "llama_pp2_zero1": (2, {**LLAMA, "parallel.pp": 2, "parallel.zero_stage": 1,
+                            "trainer.micro_batch_size": 1, "trainer.global_batch_size": 2,
+                            "model.make_vocab_size_divisible_by": 256}),
 }
-SAME_RUN_AT_TP1 = {"gpt2_tp2_zero0": "gpt2_tp1_zero1", "llama_tp2_zero1": "llama_dp2_zero3"}
+SAME_RUN_AT_TP1 = {"gpt2_tp2_zero0": "gpt2_tp1_zero1", "llama_tp2_zero1": "llama_dp2_zero3",
+                   "gpt2_pp2_zero1": "gpt2_tp1_zero1", "llama_pp2_zero1": "llama_dp2_zero3"}
 ARCH = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 
 
