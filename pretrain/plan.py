@@ -271,7 +271,8 @@ def _plan_stage(cfg: Config, layout: Layout, stage: int, construction: str) -> S
                             layout.sequence_parallel, stage)
     largest = largest_tensor(m, rows, tp)
     startup = [startup_bytes(params, largest, states[z], tr.precision, layout.dp,
-                             cfg.cluster.gpus_per_node, construction) for z in range(4)]
+                             cfg.cluster.gpus_per_node, construction,
+                             max(m.hidden_size, m.ffn_size)) for z in range(4)]
     return StagePlan(stage, m.num_layers // pp, params, states, buffers, acts, startup)
 
 

@@ -37,10 +37,10 @@ ZERO0_ALLREDUCE_BUCKET = 500_000_000
 STATE_BYTES = {"fp32": (4, 4, 8), "bf16": (2, 2, 12), "fp16": (2, 2, 12)}
 
 # How a rank builds its model, which decides its start-up memory (see startup_bytes):
-#   tp_shard: today's code (pretrain.model.gpt: use_cpu_initialization, fp32): every rank draws its
-#             whole TP shard of its stage in fp32 on the CPU, moves it to the GPU, and DeepSpeed
-#             then casts and partitions it.
-#   sharded:  built on the meta device, only the rank's own stage and ZeRO shard materialised.
+#   tp_shard: today's code (pretrain.model.gpt): built on the meta device, the rank's whole TP shard
+#             of its stage materialised on its GPU in fp32 and filled one row at a time from the
+#             host (pretrain.model.init); DeepSpeed then casts and partitions it.
+#   sharded:  also only the rank's ZeRO-3 partition materialised (not built yet).
 CONSTRUCTIONS = ("tp_shard", "sharded")
 
 
@@ -293,25 +293,27 @@ class Startup:
 
 
 def startup_bytes(params: ParamCount, largest: int, states: ModelStates, precision: str,
-                  dp: int, ranks_per_node: int, construction: str = "tp_shard") -> Startup:
+                  dp: int, ranks_per_node: int, construction: str = "tp_shard",
+                  row: int = 0) -> Startup:
     """Start-up memory of a rank whose stage holds `params` (one TP rank), `largest` elements in
-    its largest tensor, and `states` at its ZeRO stage.
+    its largest tensor, `states` at its ZeRO stage, and `row` elements in the widest row of a
+    whole weight (max(hidden, ffn)).
 
-    tp_shard (today): the rank draws all of `params` in fp32 on the CPU (4 B each; all ranks of
-    a node at once), moves them to the GPU (4 B each there), and DeepSpeed casts them to 16-bit
-    tensor by tensor (the largest tensor's 16-bit copy beside its fp32 original) and then
-    flattens the 16-bit weights into one buffer (2 + 2 B, within the 4 B already held). ZeRO-3
-    does not help: it partitions only after the whole shard is on the GPU. This is why the
-    issue measured 257 GiB per GPU for a 70B model at TP1.
-    sharded (a later change): the model is built on the meta device and each tensor materialised
-    and initialised only as the rank's share (its stage; its ZeRO-3 partition), so the GPU holds
-    at most its 16-bit weights and fp32 master partition, and the host one tensor at a time.
+    tp_shard (today): the model is built on the meta device and all of `params` materialised on
+    the GPU in fp32 (4 B each), filled one row at a time from the host (pretrain.model.init: the
+    host holds one fp32 row). DeepSpeed then casts them to 16-bit tensor by tensor (the largest
+    tensor's 16-bit copy beside its fp32 original) and flattens the 16-bit weights into one
+    buffer (2 + 2 B, within the 4 B already held). ZeRO-3 does not help: it partitions only after
+    the whole shard is on the GPU. This is why the issue measured 257 GiB per GPU for a 70B model
+    at TP1. (Before the meta device the host also held the whole fp32 shard: 257 GiB of host RAM
+    per node for 70B at TP8, 651 GiB for 175B.)
+    sharded (a later change): also each tensor materialised only as the rank's ZeRO-3 partition,
+    so the GPU holds at most its 16-bit weights and fp32 master partition.
     """
     if construction not in CONSTRUCTIONS:
         raise ConfigError(f"construction: '{construction}' is not one of {CONSTRUCTIONS}")
     cast = 0 if precision == "fp32" else STATE_BYTES[precision][0] * largest
     if construction == "tp_shard":
-        return Startup(construction, 4.0 * params.total + cast, 4.0 * params.total,
-                       ranks_per_node)
+        return Startup(construction, 4.0 * params.total + cast, 4.0 * row, ranks_per_node)
     master = 4.0 * params.total / dp if precision != "fp32" else 0.0
-    return Startup(construction, states.weights + master, 4.0 * largest, ranks_per_node)
+    return Startup(construction, states.weights + master, 4.0 * row, ranks_per_node)

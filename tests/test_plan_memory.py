@@ -85,14 +85,19 @@ def test_startup_is_the_whole_fp32_tp_shard_as_measured(name, tp, gib):
         assert start.gpu / GIB == pytest.approx(gib, rel=0.01)
 
 
-@pytest.mark.parametrize("name,gib", [("llama-70b", 257.0), ("gpt-175b", 651.0)])
-def test_startup_host_ram_per_node_as_measured(name, gib):
+@pytest.mark.parametrize("name", ["llama-70b", "gpt-175b"])
+def test_startup_host_ram_is_one_row_per_rank(name):
+    """Built on the meta device and filled row by row, a rank's host holds one fp32 row of the
+    widest weight (before: the whole fp32 TP shard, 257 and 651 GiB per node at TP8, issue 14;
+    tests/model/test_init.py measures a rank's build)."""
     m = model(name)
     rows = m.padded_vocab_size(8)
     params = count_params(m, rows, 8)
     start = startup_bytes(params, largest_tensor(m, rows, 8),
-                          model_states(params.total, "bf16", 1, 8), "bf16", 8, 8)
-    assert start.host_per_node / GIB == pytest.approx(gib, rel=0.01)
+                          model_states(params.total, "bf16", 1, 8), "bf16", 8, 8,
+                          row=max(m.hidden_size, m.ffn_size))
+    assert start.host_per_rank == 4 * max(m.hidden_size, m.ffn_size) < 2**20
+    assert start.host_per_node < 8 * 2**20
 
 
 def test_sharded_construction_holds_only_the_rank_share():
@@ -106,7 +111,7 @@ def test_sharded_construction_holds_only_the_rank_share():
                           8, "sharded")
     assert zero3.construction == "sharded"
     assert zero3.gpu == pytest.approx(6 * params.total / dp)  # 16-bit weights + fp32 master
-    assert zero3.host_per_rank == 4 * largest < whole.host_per_rank / 50
+    assert zero3.gpu < whole.gpu / 5
 
 
 # ---- against a real model --------------------------------------------------------------------

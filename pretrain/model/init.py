@@ -1,11 +1,13 @@
 """Layout-independent weight initialisation: every tensor drawn from its own generator.
 
-Each parameter is seeded from (seed, its global name): the name with the stage-local layer number
-replaced by the global one (`decoder.layers.3` on pipeline stage 1 of 2 with 8 layers is layer 7),
-and a tied output layer named after the word embedding it copies. The whole tensor is drawn, then
-this rank's tensor-parallel slice is taken the way megatron-core splits it (partition_dim,
-partition_stride), so any TP, PP or DP layout starts from the same model, whatever the order in
-which the stages build their layers.
+Each row of each weight is drawn from its own generator, seeded from (seed, the parameter's global
+name, the row): the name with the stage-local layer number replaced by the global one
+(`decoder.layers.3` on pipeline stage 1 of 2 with 8 layers is layer 7), and a tied output layer
+named after the word embedding it copies. A rank keeps the slice of the whole tensor that
+megatron-core's tensor-parallel split gives it (partition_dim, partition_stride), so any TP, PP or
+DP layout starts from the same model, whatever the order in which the stages build their layers.
+It draws only the rows it keeps (a row-split, column-parallel weight costs 1/TP of the whole) and
+never more than one row beyond its own shard.
 
 The distributions are megatron-core's defaults for a GPT (TransformerConfig): weights N(0, std),
 the two residual-branch output projections (attention's linear_proj, the MLP's linear_fc2)
@@ -56,14 +58,12 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def local_slice(full: torch.Tensor, dim: int, stride: int, tp: int, tp_rank: int) -> torch.Tensor:
-    """This TP rank's part of `full`, as megatron-core splits a master weight: `tp x stride`
-    equal chunks along `dim`, rank r keeping chunks r, r + tp, ... (stride 2: a gated MLP's
-    fc1 holds [gate_r; up_r])."""
-    if tp == 1:
-        return full
-    chunks = torch.chunk(full, tp * stride, dim=dim)
-    return torch.cat(chunks[tp_rank::tp], dim=dim)
+def _pieces(full: torch.Tensor, dim: int, stride: int, tp: int, tp_rank: int):
+    """The views of `full` that TP rank `tp_rank` keeps, as megatron-core splits a master weight:
+    `tp x stride` equal chunks along `dim`, rank r keeping chunks r, r + tp, ... (stride 2: a
+    gated MLP's fc1 holds [gate_r; up_r])."""
+    return torch.chunk(full, tp * stride, dim=dim)[tp_rank::tp]
+
 
 
 @torch.no_grad()
@@ -77,16 +77,33 @@ def initialize(named_parameters: Iterable[Tuple[str, torch.nn.Parameter]], *, se
         kind, std = rule(gname, init_std, num_layers)
         if kind == "ones":
             p.fill_(1.0)
-            continue
-        if kind == "zeros":
+        elif kind == "zeros":
             p.zero_()
-            continue
-        shape = list(p.shape)
-        sharded = getattr(p, "tensor_model_parallel", False) and tp > 1
-        dim, stride = getattr(p, "partition_dim", 0), getattr(p, "partition_stride", 1)
-        if sharded:
-            shape[dim] *= tp
-        full = torch.empty(shape, dtype=torch.float32)
-        full.normal_(0.0, std, generator=_generator(seed, gname))
-        part = local_slice(full, dim, stride, tp, tp_rank) if sharded else full
-        p.copy_(part.to(p.dtype))
+        else:
+            sharded = bool(getattr(p, "tensor_model_parallel", False)) and tp > 1
+            _fill_normal(p, seed, gname, std, tp if sharded else 1, tp_rank,
+                         getattr(p, "partition_dim", 0), getattr(p, "partition_stride", 1))
+
+
+def _fill_normal(p: torch.Tensor, seed: int, gname: str, std: float, tp: int, tp_rank: int,
+                 dim: int, stride: int) -> None:
+    """p = this rank's slice of the whole tensor N(0, std) whose row i is drawn by its own
+    generator, seeded from (seed, name, i): a rank draws only the rows it keeps (all rows, each
+    whole, when the split is along columns), one row at a time, into p."""
+    rows = p.reshape(p.shape[0], -1) if p.dim() > 1 else p.reshape(1, -1)  # a view of p
+    full_rows, width = rows.shape
+    if tp > 1 and dim == 0:
+        full_rows *= tp
+    keep_rows = list(range(full_rows))
+    if tp > 1 and dim == 0:
+        chunk = full_rows // (tp * stride)
+        keep_rows = [r for c in range(tp_rank, tp * stride, tp)
+                     for r in range(c * chunk, (c + 1) * chunk)]
+    full_width = width * tp if tp > 1 and dim == 1 else width
+    row = torch.empty(full_width, dtype=torch.float32)
+    for i, r in enumerate(keep_rows):
+        row.normal_(0.0, std, generator=_generator(seed, f"{gname}[{r}]"))
+        if full_width == width:
+            rows[i].copy_(row)
+        else:  # the columns this rank keeps
+            rows[i].copy_(torch.cat(_pieces(row, 0, stride, tp, tp_rank)))
