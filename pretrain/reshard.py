@@ -46,7 +46,8 @@ from pretrain.safe_load import safe_load, weights_only_loads
 from pretrain.config import ModelConfig
 from pretrain.errors import CheckpointError
 from pretrain.fsio import atomic_write
-from pretrain.export import COLUMN, GATED, REPLICATED, ROW, tp_split
+from pretrain.export import COLUMN, GATED, REPLICATED, ROW, read_config, tp_split
+from pretrain import reshard_pipeline
 from pretrain.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -132,13 +133,6 @@ def needs_universal(step_dir: Path, saved: Layout, current: Layout) -> bool:
         return False
     keep = (f"resume at parallel.tp={saved.tp} with {saved.tp * saved.dp} processes "
             f"(data-parallel size {saved.dp})")
-    if saved.pp > 1 or current.pp > 1:
-        # Each stage's files name their layers from 0; DeepSpeed's universal converter would
-        # take the stages for tensor-parallel slices of one another.
-        raise CheckpointError(
-            f"{step_dir} ({saved}) cannot be resumed at {current}: resharding a pipeline-"
-            f"parallel checkpoint is not supported; resume at its layout (parallel.pp={saved.pp}"
-            f" parallel.tp={saved.tp} with {saved.world_size} processes)")
     if not any(_OPTIM_FILE.match(f.name) for f in step_dir.iterdir()):
         # fp32 ZeRO 0: the optimizer state sits whole in each TP rank's model file.
         if (saved.tp, saved.padded_vocab_size) == (current.tp, current.padded_vocab_size):
@@ -188,14 +182,33 @@ def _read_marker(path: Path) -> Optional[str]:
 
 
 def convert(step_dir: Path, target: Path) -> None:
-    """Write the universal form of step_dir to target (through target.tmp, committed by rename)."""
-    from deepspeed.checkpoint import ds_to_universal
-    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
-
+    """Write the universal form of step_dir to target (through target.tmp, committed by rename).
+    A pipeline-parallel checkpoint is converted stage by stage (pretrain.reshard_pipeline)."""
     scratch = target.with_name(target.name + ".tmp")  # removed at start-up if a conversion dies
     shutil.rmtree(scratch, ignore_errors=True)
     shutil.rmtree(target, ignore_errors=True)
-    source = scratch / "source"
+    saved = Layout.from_file(step_dir / LAYOUT) if (step_dir / LAYOUT).exists() else None
+    if saved is not None and saved.pp > 1:
+        tied = read_config(step_dir).model.tie_embeddings
+        sources = reshard_pipeline.stage_sources(step_dir, saved, tied, scratch / "sources")
+        outs = [_run_converter(src, scratch / f"out{i}" / step_dir.name, step_dir)
+                for i, src in enumerate(sources)]
+        out = scratch / step_dir.name
+        reshard_pipeline.merge_stages(outs, out, tied)
+    else:
+        source = scratch / "source"
+        _plain_source(step_dir, source)
+        out = _run_converter(source, scratch / step_dir.name, step_dir)
+    atomic_write(out / MARKER, _source_id(step_dir))
+    os.replace(out, target)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _plain_source(step_dir: Path, source: Path) -> None:
+    """The converter's input: the optimizer files as they are, the model files without
+    megatron's non-tensor `*._extra_state` entries (the converter fails on them)."""
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+
     source.mkdir(parents=True)
     for f in step_dir.iterdir():
         if f.name.endswith("_optim_states.pt"):
@@ -205,12 +218,17 @@ def convert(step_dir: Path, target: Path) -> None:
             if UNIVERSAL_CHECKPOINT_INFO not in state:
                 raise CheckpointError(f"{f} carries no {UNIVERSAL_CHECKPOINT_INFO}: it was saved "
                                       f"before resharding was supported")
-            # megatron's *._extra_state entries are not tensors; the converter fails on them.
             if state.get("module") is not None:
                 state["module"] = {k: v for k, v in state["module"].items()
                                    if not k.endswith("._extra_state")}
             torch.save(state, source / f.name)
-    out = scratch / step_dir.name  # the converter also writes scratch/latest_universal
+
+
+def _run_converter(source: Path, out: Path, step_dir: Path) -> Path:
+    """DeepSpeed's ds_to_universal from `source` into `out` (which it also gives a sibling
+    latest_universal file); returns out."""
+    from deepspeed.checkpoint import ds_to_universal
+
     args = argparse.Namespace(input_folder=str(source), output_folder=str(out),
                               num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
                               strict=True, inject_missing_state=False)
@@ -222,6 +240,4 @@ def convert(step_dir: Path, target: Path) -> None:
     except (AssertionError, ValueError, RuntimeError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(f"ds_to_universal failed on {step_dir}: {e!r}\n"
                               f"{chatter.getvalue()[-2000:]}") from e
-    atomic_write(out / MARKER, _source_id(step_dir))
-    os.replace(out, target)
-    shutil.rmtree(scratch, ignore_errors=True)
+    return out

@@ -80,6 +80,54 @@ def test_tp2_to_tp1_dp2_zero1(tiny_dataset, tp2_run, tmp_path):
             assert torch.equal(got, expected[_canonical(name)]), name
 
 
+def assert_universal_holds_the_exported_weights(ckpt: Path) -> None:
+    """The universal form holds exactly the whole-model weights pretrain-export merges (for a
+    PP checkpoint: its stages' layers under global numbers, one word table)."""
+    expected = merged_state(ckpt, read_config(ckpt))
+    zero = universal_dir(ckpt) / "zero"
+    names = [n for n in os.listdir(zero) if n != "optimizer_state.pt"]
+    assert sorted(_canonical(n) for n in names) == sorted(expected)
+    for name in names:
+        got = torch.load(zero / name / "fp32.pt", weights_only=False)["param"]
+        assert torch.equal(got, expected[_canonical(name)]), name
+
+
+@pytest.mark.slow
+def test_pp2_to_pp1_dp2_tied(tiny_dataset, tmp_path):
+    """Pipeline stages (layers numbered from 0 on each, the word table on the first and the last)
+    into one model: the stages are converted one by one under global names."""
+    original = tmp_path / "pp2"
+    run_train(tiny_overrides(tiny_dataset, original, steps=4, parallel__pp=2,
+                             parallel__zero_stage=1, **COMMON, **SWIGLU_GQA), nproc=2)
+    dest = tmp_path / "dp2"
+    ckpt = resume_at(tiny_dataset, original, dest, nproc=2, parallel__pp=1, parallel__zero_stage=1,
+                     **SWIGLU_GQA)
+    assert_loss_continues(original, dest)
+    assert_universal_holds_the_exported_weights(ckpt)
+
+
+@pytest.mark.slow
+def test_tp2_pp2_to_tp1_dp2_untied(tiny_dataset, tmp_path):
+    untied = dict(SWIGLU_GQA, model__tie_embeddings="false")
+    original = tmp_path / "tp2pp2"
+    run_train(tiny_overrides(tiny_dataset, original, steps=4, parallel__pp=2, parallel__tp=2,
+                             parallel__zero_stage=1, **COMMON, **untied), nproc=4)
+    dest = tmp_path / "dp2"
+    ckpt = resume_at(tiny_dataset, original, dest, nproc=2, parallel__zero_stage=1, **untied)
+    assert_loss_continues(original, dest)
+    assert_universal_holds_the_exported_weights(ckpt)
+
+
+@pytest.mark.slow
+def test_tp2_to_pp2(tiny_dataset, tp2_run, tmp_path):
+    """The other way: each stage loads its layers (and, tied, the last one its copy of the word
+    table) from the whole model's universal form."""
+    dest = tmp_path / "pp2"
+    resume_at(tiny_dataset, tp2_run, dest, nproc=2, parallel__tp=1, parallel__pp=2,
+              **SWIGLU_GQA)
+    assert_loss_continues(tp2_run, dest)
+
+
 @pytest.mark.slow
 def test_dp1_to_dp2_zero3(tiny_dataset, tmp_path):
     """ZeRO 3's universal load needs two repairs of DeepSpeed's (see Checkpointer.load)."""

@@ -23,7 +23,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Iterator, List, Optional
+from pathlib import Path
+from typing import Any, Dict, Iterator, List
 
 import torch
 
@@ -88,6 +89,22 @@ class PipelineStep(DeepSpeedStep):
         t = t.to(self.dist.comm_device())
         torch.distributed.all_reduce(t)
         return float(t[0] / t[1]) if t[1] > 0 else math.nan
+
+    def load(self, path: Path, load_optimizer: bool = True) -> Dict[str, Any]:
+        """A universal checkpoint (another layout's, pretrain.reshard) names every parameter as
+        the whole model does: this stage's are looked up under their global names."""
+        if not self.engine.load_universal_checkpoint():
+            return super().load(path, load_optimizer)
+        from pretrain.reshard_pipeline import global_names
+
+        optimizer = self.engine.optimizer
+        names = global_names(self.model, self.model.cfg.tie_embeddings)
+        local = dict(optimizer.param_names)
+        optimizer.param_names = {p: names.get(id(p), n) for p, n in local.items()}
+        try:
+            return super().load(path, load_optimizer)
+        finally:
+            optimizer.param_names = local
 
     # ---- parts ---------------------------------------------------------------------------------
     def _run(self, micro: List[torch.Tensor], step: int, forward_only: bool) -> List[torch.Tensor]:
