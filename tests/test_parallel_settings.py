@@ -1,6 +1,7 @@
 """parallel.pp and parallel.sequence_parallel: validated with the setting named, mapped to the
-layout by Config.layout, planned by pretrain-plan, and refused by training (not implemented yet)
-before any process group."""
+layout by Config.layout, planned by pretrain-plan; what training cannot run (pipeline stages
+beside ZeRO 0/2/3, fp16 or torch.compile; sequence parallelism with ZeRO-3) is refused before any
+process group."""
 
 import pytest
 import torch
@@ -36,7 +37,11 @@ def test_layout_carries_pp_and_sequence_parallel():
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (["parallel.pp=2"], r"parallel\.pp.*pretrain-plan can plan it"),
+    (["parallel.pp=2", "parallel.zero_stage=0"], r"parallel\.zero_stage.*ZeRO-1 only"),
+    (["parallel.pp=2", "parallel.zero_stage=1", "trainer.precision=fp16"],
+     r"trainer\.precision.*fp16 with parallel\.pp=2"),
+    (["parallel.pp=2", "parallel.zero_stage=1", "trainer.compile=true"],
+     r"trainer\.compile.*parallel\.pp=2"),
     (["parallel.sequence_parallel=true", "parallel.zero_stage=3"],
      r"parallel\.sequence_parallel.*zero_stage=3 is not supported"),
 ])
@@ -49,23 +54,28 @@ def test_training_refuses_what_only_the_planner_can_do(overrides, words):
     sp = compose_config(["experiment=debug", "data.path=/d", "parallel.tp=2",
                          "parallel.sequence_parallel=true"])
     sp.validate(world_size=4)  # sequence parallelism at ZeRO 0-2 trains
+    pp = compose_config(["experiment=debug", "data.path=/d", "model.num_layers=4",
+                         "parallel.pp=2", "parallel.zero_stage=1"])
+    pp.validate(world_size=2)  # pipeline stages at ZeRO-1 train
 
 
-def test_train_refuses_pipeline_before_any_process_group(tiny_dataset, tmp_path):
+def test_train_refuses_pipeline_at_zero0_before_any_process_group(tiny_dataset, tmp_path):
     from pretrain.run import train
 
-    cfg = compose_config(tiny_overrides(tiny_dataset, tmp_path / "run", parallel__pp=2))
+    cfg = compose_config(tiny_overrides(tiny_dataset, tmp_path / "run", parallel__pp=2,
+                                        parallel__zero_stage=0))
     env = dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                MASTER_PORT="1")
-    with pytest.raises(ConfigError, match="parallel.pp > 1"):
+    with pytest.raises(ConfigError, match="ZeRO-1 only"):
         train(cfg, env=env)
     assert not torch.distributed.is_initialized() and not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
-def test_cli_refuses_pipeline_with_one_error_line(tiny_dataset, tmp_path):
+def test_cli_refuses_pipeline_at_zero0_with_one_error_line(tiny_dataset, tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_train(tiny_overrides(tiny_dataset, run_dir, parallel__pp=2), nproc=2, check=False)
+    proc = run_train(tiny_overrides(tiny_dataset, run_dir, parallel__pp=2, parallel__zero_stage=0),
+                     nproc=2, check=False)
     assert proc.returncode != 0, proc.stderr[-2000:]
-    assert "parallel.pp > 1" in proc.stderr and "pretrain-plan can plan it" in proc.stderr
+    assert "ZeRO-1 only" in proc.stderr and "use parallel.zero_stage=1" in proc.stderr
     assert "shm_comm" not in proc.stdout + proc.stderr and not run_dir.exists()

@@ -1,8 +1,9 @@
 """Pipeline parallelism (pretrain/step/pipeline_step.py) through the real CLI in fresh processes:
 PP=2 reproduces PP=1 and TP2 x PP2 (with sequence parallelism) reproduces TP=2, per-step losses,
 gradient norms and validation losses, for GPT-2 (tied embeddings, learned positions) and Llama
-(RoPE, SwiGLU, RMSNorm, GQA, untied) styles; a checkpoint cannot be resumed at another PP degree.
-Bitwise resume at PP=2 is a case of tests/test_checkpoint.py."""
+(RoPE, SwiGLU, RMSNorm, GQA, untied) styles. Bitwise resume at PP=2 is a case of
+tests/test_checkpoint.py, resharding to and from PP of tests/test_reshard.py, the export of a PP
+checkpoint of tests/test_export.py."""
 
 import numpy as np
 import pytest
@@ -52,16 +53,3 @@ def test_tp2_pp2_with_sequence_parallelism_reproduces_tp2(tiny_dataset, tmp_path
     tp = dict(parallel__tp=2, parallel__sequence_parallel="true", **LLAMA)
     _assert_same(_run(tiny_dataset, tmp_path / "tp2", 2, **tp),
                  _run(tiny_dataset, tmp_path / "tp2pp2", 4, parallel__pp=2, **tp))
-
-
-def test_a_checkpoint_resumes_only_at_its_pipeline_degree(tiny_dataset, tmp_path):
-    run = tmp_path / "run"
-    kw = dict(COMMON, parallel__pp=2, trainer__checkpoint_every=2, trainer__eval_every=0)
-    run_train(tiny_overrides(tiny_dataset, run, steps=2, **kw), nproc=2)
-    kw.update(parallel__pp=1)
-    proc = run_train(tiny_overrides(tiny_dataset, run, steps=4, **kw), nproc=2, check=False)
-    assert proc.returncode != 0
-    out = proc.stdout + proc.stderr
-    assert "resharding a pipeline-parallel checkpoint is not supported" in out
-    assert "parallel.pp=2 parallel.tp=1 with 2 processes" in out
-    assert [r["step"] for r in train_records(run)] == [1, 2]  # nothing trained, nothing lost
