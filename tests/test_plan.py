@@ -97,6 +97,25 @@ def test_per_tp_rank_counts_equal_built_tp2_models():
     assert run_on_ranks(2, _count_tp2_rank, tp=2) == [expected, expected]
 
 
+def _count_pp2_stage(dist) -> list:
+    """On one of two ranks (a pipeline stage of two): the stage's parameter count per combination."""
+    from pretrain.model.gpt import GPT, count_parameters
+
+    return [count_parameters(GPT(tiny(**kw), tiny(**kw).padded_vocab_size(1), tp=1,
+                                 device_type="cpu", pp=2)) for kw in COMBOS]
+
+
+@pytest.mark.slow
+def test_per_stage_counts_equal_built_pipeline_stages():
+    """The first stage holds the embeddings, the last the final norm and the head (tied: its own
+    copy of the word table)."""
+    from pretrain.plan_memory import stage_params
+
+    expected = [[stage_params(tiny(**kw), tiny(**kw).padded_vocab_size(1), 1, 2, s).total
+                 for kw in COMBOS] for s in (0, 1)]
+    assert run_on_ranks(2, _count_pp2_stage, pp=2) == expected
+
+
 # ---- memory ----------------------------------------------------------------------------------
 def test_zero_partitioning_follows_the_paper():
     n, dp = 1_000_000, 8
