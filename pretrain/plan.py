@@ -323,6 +323,11 @@ def _warnings(p: Plan) -> List[str]:
 
 
 # ---- rendering -------------------------------------------------------------------------------
+def _bytes(x: float) -> str:
+    """GiB, or MiB below a tenth of one."""
+    return f"{x / GIB:.1f} GiB" if x >= GIB / 10 else f"{x / 2**20:.1f} MiB"
+
+
 def _gib(x: float) -> str:
     return f"{x / GIB:8.2f}"
 
@@ -410,8 +415,8 @@ def _memory_lines(p: Plan) -> List[str]:
         + f" + embeddings/logits {a.embeddings_and_head / GIB:.2f}"
         f" = {a.total / GIB:.2f} ({p.activation_per_sample / GIB:.3f} per sequence)",
         f"  start-up (construction={start.construction}): {start.gpu / GIB:.2f} GiB per GPU, "
-        f"host RAM {start.host_per_node / GIB:.1f} GiB per node ({start.ranks_per_node} ranks x "
-        f"{start.host_per_rank / GIB:.2f})",
+        f"host RAM {_bytes(start.host_per_node)} per node ({start.ranks_per_node} ranks x "
+        f"{_bytes(start.host_per_rank)})",
         f"  usable {p.usable_gib:.1f} of {p.gpu_memory_gib:g} GiB (cluster.gpu_memory_gb; "
         f"{HEADROOM:.0%} left for the CUDA context, NCCL and allocator fragmentation)",
         f"  micro-batch {p.micro_batch}: "

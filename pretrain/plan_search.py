@@ -144,7 +144,9 @@ def search(cfg: Config, construction: str = "tp_shard",
 def _judge(c: Candidate, cfg: Config, vocab: Tuple[int, str], construction: str,
            host_memory_gib: Optional[float]) -> Verdict:
     try:
-        p = make_plan(c.apply(cfg), vocab, construction)
+        layout_cfg = c.apply(cfg)
+        layout_cfg.validate(need_data=False)  # only layouts that pretrain-train runs
+        p = make_plan(layout_cfg, vocab, construction)
     except ConfigError as e:
         return Verdict(c, None, f"invalid: {e}")
     usable = p.usable_gib

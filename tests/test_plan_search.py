@@ -55,7 +55,7 @@ def test_every_rejected_layout_has_its_reason():
             assert not v.plan.fits
     by = {v.candidate: v.reason for v in r.rejected}
     # The finding: without pipelining, 175B at TP8 dies building the model, even ZeRO-3.
-    assert "start-up 81." in by[Candidate(8, 1, True, 3, 1, "none")]
+    assert "start-up 81." in by[Candidate(8, 1, False, 3, 1, "none")]
     assert "parallel.zero_stage" in by[Candidate(8, 2, True, 2, 1, "none")]
     assert "parallel.pp" in by[Candidate(8, 64, True, 1, 1, "none")]  # 64 stages, 96 layers
 
@@ -63,7 +63,7 @@ def test_every_rejected_layout_has_its_reason():
 def test_sharded_construction_and_host_memory_change_the_verdicts():
     cfg = compose_config(["experiment=gpt-175b"])
     by = {v.candidate: v.reason for v in search(cfg, "sharded").rejected}
-    assert "start-up" not in by[Candidate(8, 1, True, 3, 1, "none")]
+    assert "start-up" not in by[Candidate(8, 1, False, 3, 1, "none")]
     # Each of a node's 8 ranks holds one fp32 row of the widest weight on the host (175B: 49152
     # elements, 192 KiB): 1.5 MiB per node whatever the layout.
     roomy = search(cfg, host_memory_gib=0.01)
