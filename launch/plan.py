@@ -24,9 +24,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="search TP, PP, sequence parallel, ZeRO, micro-batch and recompute "
                              "for the fastest layout that fits (with --json: "
                              '{"best": {...}, "rejected": [...]}); exit 1 when none fits')
-    parser.add_argument("--construction", choices=("tp_shard", "sharded"), default="tp_shard",
-                        help="how ranks build the model, for start-up memory: tp_shard (today: "
-                             "each rank its whole fp32 TP shard) or sharded (only its own shard)")
+    parser.add_argument("--construction", choices=("auto", "tp_shard", "sharded"),
+                        default="auto",
+                        help="how ranks build the model, for start-up memory: auto (what "
+                             "pretrain-train does: sharded at ZeRO-3, else tp_shard), tp_shard "
+                             "(each rank its whole fp32 TP shard) or sharded (only its ZeRO-3 "
+                             "partition)")
     parser.add_argument("--host-memory-gib", type=float, default=None,
                         help="host RAM per node; layouts whose start-up needs more are rejected")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for pretrain-train")

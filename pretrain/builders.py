@@ -26,7 +26,7 @@ from pretrain.model.gpt import GPT, count_parameters
 from pretrain.model.flops import flops_per_token, peak_flops
 from pretrain import reshard
 from pretrain.plan import count_params
-from pretrain.step import StepModule, build_step_module
+from pretrain.step import StepModule, build_step_module, partitioned_construction
 from pretrain.tracking import Tracker
 from pretrain.trainer import Trainer
 
@@ -70,7 +70,7 @@ def build_run(cfg: Config, dist: Dist, sources: Sources, run_dir: Path,
     compute_dtype = torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32
     model = GPT(cfg.model, padded, layout.tp, dist.device_type, layout.sequence_parallel,
                 pp=layout.pp, seed=cfg.trainer.seed, device=dist.device,
-                pipeline_dtype=compute_dtype)
+                pipeline_dtype=compute_dtype, partitioned=partitioned_construction(cfg, dist))
     n_params = count_parameters(model)
     if cfg.trainer.compile:
         model = torch.compile(model)

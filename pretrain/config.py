@@ -375,9 +375,12 @@ class ClusterConfig:
     gpu_peak_tflops: Optional[float] = None  # None: looked up from the device name
     assumed_mfu: float = 0.40
     token_budget: Optional[float] = None
+    # Inter-node bandwidth per GPU, Gb/s (NDR InfiniBand: 400), for the data-parallel traffic.
+    network_gbps: float = 400.0
 
     def validate(self) -> None:
         _check(self.nodes >= 1, "cluster.nodes", "must be >= 1")
+        _check(self.network_gbps > 0, "cluster.network_gbps", "must be positive")
         _check(self.gpus_per_node >= 1, "cluster.gpus_per_node", "must be >= 1")
         _check(self.gpu_memory_gb > 0, "cluster.gpu_memory_gb", "must be positive")
         _check(0 < self.assumed_mfu <= 1, "cluster.assumed_mfu", "must be in (0, 1]")

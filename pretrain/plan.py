@@ -14,6 +14,11 @@ Time: tokens/s per GPU = cluster.assumed_mfu x peak / FLOPs per token while a GP
 slowed by the recomputed forward FLOPs (model.recompute) and by the 1F1B pipeline bubble: with m
 micro-batches per step and p stages a stage idles (p - 1) / (m + p - 1) of the step (Narayanan
 et al. 2021, 'Efficient Large-Scale Language Model Training on GPU Clusters', section 2.2).
+Across nodes the data-parallel traffic of a step is priced at cluster.network_gbps per GPU and
+assumed to overlap the computation (the step takes the longer of the two): ZeRO 0-2 all-reduce
+the gradients once per step (2 x the GPU's shard of 16-bit gradients, x (dp - 1) / dp), ZeRO-3
+gathers the weights for every micro-batch's forward and backward and reduce-scatters its
+gradients (3 x the shard per micro-batch) -- which is why it rarely wins at scale.
 """
 
 from __future__ import annotations
@@ -113,6 +118,9 @@ class Plan:
     assumed_mfu: float
     recompute_factor: float  # FLOPs done per model FLOP: 1 + recomputed forward / (6N + 12LHQT)
     bubble_fraction: float  # (pp - 1) / (grad_accum + pp - 1)
+    dp_traffic_bytes: float  # data-parallel bytes a GPU sends per step across nodes
+    comm_s: float  # their time at network_gbps (overlapping the computation)
+    network_gbps: float
     tokens_per_s_gpu: float
     tokens_per_s: float
     step_s: float
@@ -209,7 +217,7 @@ def resolve_vocab(cfg: Config) -> Tuple[int, str]:
 
 
 def make_plan(cfg: Config, vocab: Optional[Tuple[int, str]] = None,
-              construction: str = "tp_shard") -> Plan:
+              construction: str = "auto") -> Plan:
     """Validate cfg for the cluster it names and work out the plan (ConfigError if it can't run).
     vocab: (size, source) when already resolved (the search plans many layouts of one config);
     construction: how the model is built, for its start-up memory (plan_memory.startup_bytes)."""
@@ -233,7 +241,12 @@ def make_plan(cfg: Config, vocab: Optional[Tuple[int, str]] = None,
     # MFU = tokens/s per GPU x FLOPs/token / peak, while computing; recompute and bubble slow it.
     tok_gpu = cl.assumed_mfu * peak * 1e12 / fpt / recompute * (1 - bubble)
     tok_step = layout.global_batch_size * cfg.model.seq_len
-    step_s = tok_step / (tok_gpu * world)
+    compute_s = tok_step / (tok_gpu * world)
+    traffic = dp_traffic_bytes(stages[peak_stage].params.total, tr.precision, par.zero_stage,
+                               layout.dp, m) if cl.nodes > 1 else 0.0
+    comm_s = traffic / (cl.network_gbps * 1e9 / 8)
+    step_s = max(compute_s, comm_s)
+    tok_gpu = tok_step / (step_s * world)
     if cl.token_budget:
         steps, steps_source = math.ceil(cl.token_budget / tok_step), "cluster.token_budget"
     else:
@@ -252,11 +265,25 @@ def make_plan(cfg: Config, vocab: Optional[Tuple[int, str]] = None,
         activation_per_sample=stages[peak_stage].activations.total / tr.micro_batch_size,
         gpu_memory_gib=cl.gpu_memory_gb, usable_gib=usable, max_micro_batch=max_mb,
         peak_tflops=peak, peak_source=peak_source, assumed_mfu=cl.assumed_mfu,
-        recompute_factor=recompute, bubble_fraction=bubble,
+        recompute_factor=recompute, bubble_fraction=bubble, dp_traffic_bytes=traffic,
+        comm_s=comm_s, network_gbps=cl.network_gbps,
         tokens_per_s_gpu=tok_gpu, tokens_per_s=tok_gpu * world, step_s=step_s, steps=steps,
         steps_source=steps_source, total_tokens=float(steps * tok_step), total_s=steps * step_s)
     plan.warnings = _warnings(plan)
     return plan
+
+
+def dp_traffic_bytes(params: int, precision: str, zero_stage: int, dp: int,
+                     micro_batches: int) -> float:
+    """Bytes a GPU sends per optimizer step for data parallelism (ring collectives move
+    (dp - 1) / dp of the buffer): ZeRO 0-2 all-reduce the 16-bit (fp32: 4 B) gradients of its
+    `params` once per step; ZeRO-3 all-gathers the weights twice (forward, backward) and
+    reduce-scatters the gradients for every micro-batch."""
+    if dp == 1:
+        return 0.0
+    width = 4 if precision == "fp32" else 2
+    shard = params * width * (dp - 1) / dp
+    return 3 * shard * micro_batches if zero_stage == 3 else 2 * shard
 
 
 def _plan_stage(cfg: Config, layout: Layout, stage: int, construction: str) -> StagePlan:
@@ -315,8 +342,10 @@ def _warnings(p: Plan) -> List[str]:
     if not p.fits_startup:
         need = p.startup().gpu / GIB
         out.append(f"start-up does NOT fit: building the model takes {need:.1f} GiB per GPU "
-                   f"(construction={p.construction}: each rank holds its stage's whole TP shard "
-                   f"in fp32 before DeepSpeed partitions it, whatever the ZeRO stage), "
+                   f"(construction={p.startup().construction}: "
+                   + ("each rank holds its stage's whole TP shard in fp32 before DeepSpeed "
+                      "partitions it" if p.startup().construction == "tp_shard" else
+                      "each rank its ZeRO-3 partition") + "), "
                    f"{p.usable_gib:.1f} GiB usable; raise parallel.tp or parallel.pp "
                    f"(pretrain-plan --search finds the fastest layout that fits)")
     return out
@@ -435,11 +464,17 @@ def _time_lines(p: Plan) -> List[str]:
     if p.pp > 1:
         slow.append(f"pipeline bubble {p.bubble_fraction:.1%} = (pp-1)/(m+pp-1), "
                     f"m={p.grad_accum} micro-batches")
+    if p.comm_s >= p.step_s:
+        slow.append(f"bound by data-parallel traffic: {p.dp_traffic_bytes / GIB:,.0f} GiB per GPU "
+                    f"per step at {p.network_gbps:g} Gb/s (cluster.network_gbps)")
     return [
         f"throughput at {p.assumed_mfu:.0%} MFU (cluster.assumed_mfu) of {p.peak_tflops:g} "
         f"TFLOP/s ({p.peak_source})" + (f"; {', '.join(slow)}" if slow else ""),
         f"  tokens/s         {p.tokens_per_s_gpu:>15,.0f} per GPU, {p.tokens_per_s:,.0f} total",
-        f"  time per step    {_duration(p.step_s):>15}",
+        f"  time per step    {_duration(p.step_s):>15}"
+        + (f"   (data-parallel traffic {p.dp_traffic_bytes / GIB:,.1f} GiB per GPU, "
+           f"{_duration(p.comm_s)} at {p.network_gbps:g} Gb/s, overlapped)"
+           if p.dp_traffic_bytes else ""),
         f"  {p.steps:,} steps ({p.steps_source}) = {p.total_tokens:,.0f} tokens in "
         f"{_duration(p.total_s)}",
     ]

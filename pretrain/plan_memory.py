@@ -40,8 +40,10 @@ STATE_BYTES = {"fp32": (4, 4, 8), "bf16": (2, 2, 12), "fp16": (2, 2, 12)}
 #   tp_shard: today's code (pretrain.model.gpt): built on the meta device, the rank's whole TP shard
 #             of its stage materialised on its GPU in fp32 and filled one row at a time from the
 #             host (pretrain.model.init); DeepSpeed then casts and partitions it.
-#   sharded:  also only the rank's ZeRO-3 partition materialised (not built yet).
-CONSTRUCTIONS = ("tp_shard", "sharded")
+#   sharded:  ZeRO-3 (pretrain.step's zero.Init): each module allocated whole, then at once
+#             partitioned over data parallel; the rank keeps and fills its partition only.
+#   auto:     what pretrain-train does: sharded at ZeRO-3, tp_shard at ZeRO 0-2.
+CONSTRUCTIONS = ("auto", "tp_shard", "sharded")
 
 
 # ---- parameters ------------------------------------------------------------------------------
@@ -307,13 +309,18 @@ def startup_bytes(params: ParamCount, largest: int, states: ModelStates, precisi
     the whole shard is on the GPU. This is why the issue measured 257 GiB per GPU for a 70B model
     at TP1. (Before the meta device the host also held the whole fp32 shard: 257 GiB of host RAM
     per node for 70B at TP8, 651 GiB for 175B.)
-    sharded (a later change): also each tensor materialised only as the rank's ZeRO-3 partition,
-    so the GPU holds at most its 16-bit weights and fp32 master partition.
+    sharded (ZeRO-3, DeepSpeed's zero.Init): each module is allocated whole in fp32 and at once
+    partitioned over data parallel, so the GPU holds its 16-bit weights and fp32 master
+    partition, plus one module's whole fp32 tensor (the largest) while it is being built.
+    auto: sharded at ZeRO-3, tp_shard below (what pretrain-train does).
     """
     if construction not in CONSTRUCTIONS:
         raise ConfigError(f"construction: '{construction}' is not one of {CONSTRUCTIONS}")
+    if construction == "auto":
+        construction = "sharded" if states.zero_stage == 3 else "tp_shard"
     cast = 0 if precision == "fp32" else STATE_BYTES[precision][0] * largest
     if construction == "tp_shard":
         return Startup(construction, 4.0 * params.total + cast, 4.0 * row, ranks_per_node)
     master = 4.0 * params.total / dp if precision != "fp32" else 0.0
-    return Startup(construction, states.weights + master, 4.0 * row, ranks_per_node)
+    return Startup(construction, states.weights + master + 4.0 * largest, 4.0 * row,
+                   ranks_per_node)

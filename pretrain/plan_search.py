@@ -99,7 +99,7 @@ class SearchResult:
         if self.best is not None and self.best.plan is not None:
             p = self.best.plan
             best = {**self.best.to_dict(), "usable_memory_gib": p.usable_gib,
-                    "construction": p.construction, "grad_accum": p.grad_accum,
+                    "construction": p.startup().construction, "grad_accum": p.grad_accum,
                     "global_batch_size": p.global_batch,
                     "bubble_fraction": p.bubble_fraction, "tokens_per_s_gpu": p.tokens_per_s_gpu,
                     "step_s": p.step_s, "total_s": p.total_s,
@@ -122,7 +122,7 @@ def candidates(cfg: Config) -> Iterator[Candidate]:
         tp *= 2
 
 
-def search(cfg: Config, construction: str = "tp_shard",
+def search(cfg: Config, construction: str = "auto",
            host_memory_gib: Optional[float] = None) -> SearchResult:
     """Plan every candidate layout of cfg's model on cfg's cluster; pick the fastest that fits."""
     cfg.cluster.validate()
@@ -157,7 +157,8 @@ def _judge(c: Candidate, cfg: Config, vocab: Tuple[int, str], construction: str,
         why.append(f"training peak {p.gpu_bytes(p.zero_stage) / GIB:.1f} GiB{where} > "
                    f"{usable:.1f} GiB usable")
     if not p.fits_startup:
-        why.append(f"start-up {p.startup().gpu / GIB:.1f} GiB (construction={construction}) > "
+        why.append(f"start-up {p.startup().gpu / GIB:.1f} GiB "
+                   f"(construction={p.startup().construction}) > "
                    f"{usable:.1f} GiB usable")
     host = p.startup().host_per_node / GIB
     if host_memory_gib is not None and host > host_memory_gib:

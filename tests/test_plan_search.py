@@ -29,10 +29,17 @@ def test_targets_fit_without_full_recompute_start_up_included(capsys, overrides)
     code, out = cli_search(capsys, *overrides)
     best = out["best"]
     assert code == 0 and BEST_KEYS <= set(best), best
-    assert best["micro_batch_size"] >= 1 and best["recompute"] != "full"
+    # Issue 14's target: a fitting layout without full recompute. With the presets' global batch
+    # it is the fastest; with the default one (micro x DP, one micro-batch per step) ZeRO-3 at
+    # micro-batch 8 with full recompute can be faster (its weight traffic is paid per step).
+    fitting = [best] + [v for v in out["rejected"] if v["reason"].startswith("fits")]
+    assert any(v["recompute"] != "full" and v["micro_batch_size"] >= 1 for v in fitting)
+    if overrides[0].startswith("experiment="):
+        assert best["recompute"] != "full"
     assert best["peak_memory_gib"] <= best["usable_memory_gib"] == pytest.approx(72.0)
     assert best["startup_memory_gib"] <= best["usable_memory_gib"]
-    assert best["construction"] == "tp_shard"
+    # What pretrain-train does: ZeRO-3 builds its partition only (zero.Init), ZeRO 0-2 the shard.
+    assert best["construction"] == ("sharded" if best["zero_stage"] == 3 else "tp_shard")
     # The figures are those of an ordinary plan of the chosen layout.
     plan = make_plan(compose_config(overrides + best["overrides"]))
     assert plan.fits and (plan.tp, plan.pp, plan.dp) == (best["tp"], best["pp"], best["dp"])
@@ -54,8 +61,13 @@ def test_every_rejected_layout_has_its_reason():
         if v.reason.startswith("does not fit"):
             assert not v.plan.fits
     by = {v.candidate: v.reason for v in r.rejected}
-    # The issue's finding: without pipelining, 175B at TP8 dies building the model, even ZeRO-3.
-    assert "start-up 81." in by[Candidate(8, 1, False, 3, 1, "none")]
+    # The issue's finding: without pipelining, 175B at TP8 died building the model, even at
+    # ZeRO-3, when every rank built its whole TP shard; ZeRO-3 now builds its partition only.
+    unpipelined = Candidate(8, 1, False, 3, 1, "none")
+    assert by[unpipelined].startswith("fits, but slower")
+    old_way = {v.candidate: v.reason
+               for v in search(compose_config(["experiment=gpt-175b"]), "tp_shard").rejected}
+    assert "start-up 81." in old_way[unpipelined]
     assert "parallel.zero_stage" in by[Candidate(8, 2, True, 2, 1, "none")]
     assert "parallel.pp" in by[Candidate(8, 64, True, 1, 1, "none")]  # 64 stages, 96 layers
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Optional
+from typing import ContextManager, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,11 @@ def _activation(cfg: ModelConfig, fused: bool):
             return F.gelu, True
         return functools.partial(F.gelu, approximate="tanh"), False
     return F.gelu, False
+
+
+def _drawn_later(tensor: torch.Tensor) -> torch.Tensor:
+    """megatron's init methods: nothing drawn (pretrain.model.init fills every parameter)."""
+    return tensor
 
 
 def transformer_config(cfg: ModelConfig, tp: int, device_type: str,
@@ -86,11 +91,14 @@ def transformer_config(cfg: ModelConfig, tp: int, device_type: str,
         # Point-to-point sends without torch.cuda.synchronize (also runs on CPU).
         batch_p2p_sync=False,
         sequence_parallel=sequence_parallel,
-        # Built on the meta device, where megatron's init draws nothing but still marks the
-        # tensor-parallel attributes (partition_dim, stride) that the init and DeepSpeed read;
-        # the weights are then filled by pretrain.model.init.
+        # megatron's init runs (it marks the tensor-parallel attributes, partition_dim and
+        # stride, that pretrain.model.init and DeepSpeed read) but draws nothing: the weights are
+        # filled afterwards by pretrain.model.init.
         use_cpu_initialization=True,
         perform_initialization=True,
+        init_method=_drawn_later,
+        output_layer_init_method=_drawn_later,
+        embedding_init_method=_drawn_later,
         init_method_std=cfg.init_std,
         params_dtype=torch.float32,
         cuda_graph_scope=[],  # no CUDA graphs; megatron's default "full" is deprecated and warns
@@ -108,14 +116,19 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig, padded_vocab_size: int, tp: int, device_type: str,
                  sequence_parallel: bool = False, *, pp: int = 1, seed: int = 0,
                  device: Optional[torch.device] = None,
-                 pipeline_dtype: Optional[torch.dtype] = None):
+                 pipeline_dtype: Optional[torch.dtype] = None,
+                 partitioned: Optional[ContextManager] = None):
+        """partitioned: a context in which modules are built already partitioned (DeepSpeed's
+        ZeRO-3 `zero.Init`, from pretrain.step); otherwise the model is built on the meta device
+        and this rank's shard allocated on `device`."""
         super().__init__()
         self.cfg = cfg
         self.vocab_size = padded_vocab_size
         self.pp = pp
         first, last, tp_rank = _position(pp)
         self.is_first_stage, self.is_last_stage = first, last
-        with torch.device("meta"), _no_embedding_sync():
+        where = partitioned if partitioned is not None else torch.device("meta")
+        with where, _no_embedding_sync():
             self.gpt = GPTModel(
                 config=transformer_config(cfg, tp, device_type, sequence_parallel, pp,
                                           pipeline_dtype),
@@ -131,7 +144,8 @@ class GPT(nn.Module):
                 rotary_base=cfg.rotary_base,
                 parallel_output=True,
             )
-        _materialize(self.gpt, torch.device(device or "cpu"))
+        if partitioned is None:
+            _materialize(self.gpt, torch.device(device or "cpu"))
         layers = self.gpt.decoder.layers
         initialize(self.gpt.named_parameters(), seed=seed, init_std=cfg.init_std,
                    num_layers=cfg.num_layers, tp=tp, tp_rank=tp_rank,
@@ -206,10 +220,11 @@ def _materialize(module: nn.Module, device: torch.device) -> None:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Parameters of this rank's shard (shared/tied tensors counted once)."""
+    """Parameters of this rank's shard (shared/tied tensors counted once; a ZeRO-3 partitioned
+    parameter counted whole)."""
     seen, total = set(), 0
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
-            total += p.numel()
+            total += getattr(p, "ds_numel", p.numel())
     return total

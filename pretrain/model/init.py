@@ -71,39 +71,66 @@ def initialize(named_parameters: Iterable[Tuple[str, torch.nn.Parameter]], *, se
                init_std: float, num_layers: int, tp: int, tp_rank: int, layer_offset: int = 0,
                tied: bool = False) -> None:
     """Fill every parameter in place (they may be uninitialised memory, e.g. after
-    `Module.to_empty`). Names are megatron GPTModel's, stage-local."""
+    `Module.to_empty`). Names are megatron GPTModel's, stage-local. A parameter partitioned by
+    DeepSpeed's ZeRO-3 (`deepspeed.zero.Init`) gets only this rank's partition filled."""
     for name, p in named_parameters:
         gname = global_name(name, layer_offset, tied)
         kind, std = rule(gname, init_std, num_layers)
-        if kind == "ones":
-            p.fill_(1.0)
-        elif kind == "zeros":
-            p.zero_()
-        else:
-            sharded = bool(getattr(p, "tensor_model_parallel", False)) and tp > 1
-            _fill_normal(p, seed, gname, std, tp if sharded else 1, tp_rank,
+        partitioned = hasattr(p, "ds_tensor")
+        target = p.ds_tensor if partitioned else p
+        if kind in ("ones", "zeros"):
+            target.fill_(1.0 if kind == "ones" else 0.0)
+            continue
+        shape = tuple(p.ds_shape) if partitioned else tuple(p.shape)
+        sharded = bool(getattr(p, "tensor_model_parallel", False)) and tp > 1
+        row = _RowDrawer(shape, seed, gname, std, tp if sharded else 1, tp_rank,
                          getattr(p, "partition_dim", 0), getattr(p, "partition_stride", 1))
+        if partitioned:
+            _fill_partition(p, row)
+        else:
+            view = p.reshape(row.rows, row.width)
+            for i in range(row.rows):
+                view[i].copy_(row(i))
 
 
-def _fill_normal(p: torch.Tensor, seed: int, gname: str, std: float, tp: int, tp_rank: int,
-                 dim: int, stride: int) -> None:
-    """p = this rank's slice of the whole tensor N(0, std) whose row i is drawn by its own
-    generator, seeded from (seed, name, i): a rank draws only the rows it keeps (all rows, each
-    whole, when the split is along columns), one row at a time, into p."""
-    rows = p.reshape(p.shape[0], -1) if p.dim() > 1 else p.reshape(1, -1)  # a view of p
-    full_rows, width = rows.shape
-    if tp > 1 and dim == 0:
-        full_rows *= tp
-    keep_rows = list(range(full_rows))
-    if tp > 1 and dim == 0:
-        chunk = full_rows // (tp * stride)
-        keep_rows = [r for c in range(tp_rank, tp * stride, tp)
-                     for r in range(c * chunk, (c + 1) * chunk)]
-    full_width = width * tp if tp > 1 and dim == 1 else width
-    row = torch.empty(full_width, dtype=torch.float32)
-    for i, r in enumerate(keep_rows):
-        row.normal_(0.0, std, generator=_generator(seed, f"{gname}[{r}]"))
-        if full_width == width:
-            rows[i].copy_(row)
-        else:  # the columns this rank keeps
-            rows[i].copy_(torch.cat(_pieces(row, 0, stride, tp, tp_rank)))
+class _RowDrawer:
+    """Row i of this TP rank's slice of the whole tensor N(0, std) whose every row is drawn by
+    its own generator, seeded from (seed, name, row): only the rows the rank keeps are drawn
+    (each whole when the split is along columns)."""
+
+    def __init__(self, shape: Tuple[int, ...], seed: int, gname: str, std: float, tp: int,
+                 tp_rank: int, dim: int, stride: int):
+        self.rows = shape[0] if len(shape) > 1 else 1
+        self.width = math.prod(shape) // self.rows
+        self.seed, self.gname, self.std = seed, gname, std
+        self.tp, self.tp_rank, self.stride = tp, tp_rank, stride
+        self.split_rows, self.split_cols = tp > 1 and dim == 0, tp > 1 and dim == 1
+        full_rows = self.rows * tp if self.split_rows else self.rows
+        self.keep = range(full_rows)
+        if self.split_rows:
+            chunk = full_rows // (tp * stride)
+            self.keep = [r for c in range(tp_rank, tp * stride, tp)
+                         for r in range(c * chunk, (c + 1) * chunk)]
+        self.buffer = torch.empty(self.width * tp if self.split_cols else self.width)
+
+    def __call__(self, i: int) -> torch.Tensor:
+        r = self.keep[i]
+        self.buffer.normal_(0.0, self.std, generator=_generator(self.seed, f"{self.gname}[{r}]"))
+        if not self.split_cols:
+            return self.buffer
+        return torch.cat(_pieces(self.buffer, 0, self.stride, self.tp, self.tp_rank))
+
+
+def _fill_partition(p: torch.nn.Parameter, row: _RowDrawer) -> None:
+    """ZeRO-3: this rank's partition is elements [k x n, (k + 1) x n) of the flattened tensor
+    (k: its rank in the parameter's partition group, n: the partition size, the last one padded);
+    the rows that overlap it are drawn and their overlap copied."""
+    import torch.distributed as dist
+
+    flat = p.ds_tensor.view(-1)
+    n = flat.numel()
+    start = dist.get_rank(group=p.ds_process_group) * n
+    end = min(start + n, row.rows * row.width)
+    for i in range(start // row.width, (end - 1) // row.width + 1 if end > start else 0):
+        lo, hi = max(start, i * row.width), min(end, (i + 1) * row.width)
+        flat[lo - start:hi - start].copy_(row(i)[lo - i * row.width:hi - i * row.width])

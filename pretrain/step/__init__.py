@@ -12,7 +12,7 @@ pipeline stage, the same engine reducing and updating.
 
 from pretrain.step.base import StepModule, StepResult
 
-__all__ = ["StepModule", "StepResult", "build_step_module"]
+__all__ = ["StepModule", "StepResult", "build_step_module", "partitioned_construction"]
 
 
 def build_step_module(model, cfg, dist, load_universal: bool = False) -> StepModule:
@@ -25,3 +25,10 @@ def build_step_module(model, cfg, dist, load_universal: bool = False) -> StepMod
     from pretrain.step.deepspeed_step import DeepSpeedStep
 
     return DeepSpeedStep(model, cfg, dist, load_universal)
+
+
+def partitioned_construction(cfg, dist):
+    """A context in which the model's modules are built already partitioned (ZeRO-3), or None."""
+    from pretrain.step.deepspeed_engine import partitioned_construction as construction
+
+    return construction(cfg, dist)

@@ -108,6 +108,20 @@ def deepspeed_config(cfg: Config, layout: Layout, device_type: str,
     }
 
 
+def partitioned_construction(cfg: Config, dist):
+    """Under ZeRO-3: DeepSpeed's `zero.Init`, in which each module's parameters are partitioned
+    over data parallel as soon as it is built, so a rank never holds its whole TP shard (the
+    model's GPT(..., partitioned=)). None at ZeRO 0-2."""
+    if dist.layout.zero_stage != 3:
+        return None
+    import deepspeed
+
+    check_version()
+    return deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, dist.layout,
+                                                                    dist.device_type),
+                               mpu=MegatronMPU())
+
+
 def build_engine(model: nn.Module, cfg: Config, dist, load_universal: bool = False):
     """deepspeed.initialize with our optimizer, LR schedule and the megatron mpu adapter, for
     dist's layout (pretrain.dist.Dist)."""

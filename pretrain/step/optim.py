@@ -42,7 +42,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+        ndim = len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim  # ZeRO-3: the whole shape
+        (no_decay if ndim < 2 or name.endswith(".bias") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 

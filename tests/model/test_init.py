@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pretrain.config import ModelConfig
-from pretrain.model.init import _fill_normal, global_name, rule
+from pretrain.model.init import _RowDrawer, global_name, rule
 from tests.helpers.ranks import run_on_ranks
 
 GPT2 = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, seq_len=32,
@@ -40,6 +40,12 @@ def test_rules_are_megatrons_defaults_and_an_unknown_tensor_is_an_error():
         rule("decoder.layers.0.mlp.router.weight", 0.02, 8)
 
 
+def _fill(t: torch.Tensor, tp: int, rank: int, dim: int, stride: int) -> None:
+    row = _RowDrawer(tuple(t.shape), 3, "w", 0.02, tp, rank, dim, stride)
+    for i in range(row.rows):
+        t[i].copy_(row(i))
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("dim", [0, 1])
 @pytest.mark.parametrize("tp", [2, 4])
@@ -48,7 +54,7 @@ def test_each_rank_draws_the_slice_megatron_splits_the_whole_tensor_into(tp, dim
 
     rows, cols = 16 * stride, 24
     full = torch.empty(rows, cols)
-    _fill_normal(full, 3, "w", 0.02, 1, 0, dim, stride)  # the whole tensor, as TP=1 draws it
+    _fill(full, 1, 0, dim, stride)  # the whole tensor, as TP=1 draws it
     assert float(full.std()) == pytest.approx(0.02, rel=0.2)
     size = (rows if dim == 0 else cols)
     for rank in range(tp):
@@ -58,7 +64,7 @@ def test_each_rank_draws_the_slice_megatron_splits_the_whole_tensor_into(tp, dim
         _initialize_affine_weight_cpu(theirs, rows, cols, size // tp, dim,
                                       lambda w: w.copy_(full), stride=stride, rank=rank,
                                       world_size=tp, skip_set_tensor_parallel_attributes=True)
-        _fill_normal(ours, 3, "w", 0.02, tp, rank, dim, stride)
+        _fill(ours, tp, rank, dim, stride)
         assert torch.equal(ours, theirs)
 
 
@@ -73,7 +79,10 @@ def _megatron_initialised(dist, cfg):
     from pretrain.model.gpt import transformer_config
     from pretrain.model.spec import layer_spec
 
-    model = GPTModel(config=transformer_config(cfg, 1, "cpu"),
+    # Our config with megatron's default init methods (ours draw nothing: pretrain.model.init).
+    config = dataclasses.replace(transformer_config(cfg, 1, "cpu"), init_method=None,
+                                 output_layer_init_method=None, embedding_init_method=None)
+    model = GPTModel(config=config,
                      transformer_layer_spec=layer_spec(cfg.normalization, False),
                      vocab_size=ROWS, max_sequence_length=cfg.max_positions,
                      share_embeddings_and_output_weights=cfg.tie_embeddings,
@@ -162,16 +171,26 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def _build_and_measure(dist, cfg, rows):
-    """(RSS growth at the peak of building this rank's GPT, its parameters' bytes) in bytes."""
+def _start_measuring() -> int:
+    """Make the resident set track live memory (glibc: blocks of 64 KiB and more mapped and
+    unmapped on their own, what was freed returned), reset its peak; the current RSS in KiB."""
+    import ctypes
     import gc
 
-    from pretrain.model.gpt import GPT
-
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD (also ends glibc's dynamic threshold)
     gc.collect()
+    libc.malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM, the peak resident set, to the current one
-    before = _status_kib("VmRSS")
+    return _status_kib("VmRSS")
+
+
+def _build_and_measure(dist, cfg, rows):
+    """(RSS growth at the peak of building this rank's GPT, its parameters' bytes) in bytes."""
+    from pretrain.model.gpt import GPT
+
+    before = _start_measuring()
     model = GPT(cfg, rows, dist.tp, "cpu", pp=dist.layout.pp)
     peak = _status_kib("VmHWM")
     shard = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -191,3 +210,53 @@ def test_a_rank_builds_only_its_shard():
         print(f"rank build: RSS growth {growth / 2**20:.0f} MiB, shard {shard / 2**20:.0f} MiB, model {whole / 2**20:.0f} MiB")
         assert shard < whole / 3.5
         assert growth < 1.25 * shard, (growth, shard, whole)
+
+
+def _build_partitioned_and_measure(dist, cfg, rows, gather=False):
+    """As _build_and_measure, built under ZeRO-3's zero.Init (pretrain.step): (RSS growth, this
+    rank's partition bytes, the model's bytes, the model's weights gathered)."""
+    import deepspeed
+
+    from launch.config import compose_config
+    from pretrain.layout import Layout
+    from pretrain.model.gpt import GPT
+    from pretrain.step import partitioned_construction
+
+    run_cfg = compose_config(["experiment=debug", "parallel.zero_stage=3", "logger.mode=disabled"])
+    dist = dist.with_layout(Layout.build(dist.world_size, tp=1, zero_stage=3, micro_batch_size=1,
+                                         global_batch_size=None))
+    before = _start_measuring()
+    model = GPT(cfg, rows, 1, "cpu", partitioned=partitioned_construction(run_cfg, dist))
+    peak = _status_kib("VmHWM")
+    params = list(model.parameters())
+    part = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in params)
+    whole = sum(p.ds_numel * 4 for p in params)
+    weights = {}
+    if gather:
+        with deepspeed.zero.GatheredParameters(params):
+            weights = {n: p.detach().clone() for n, p in model.gpt.named_parameters()}
+    return (peak - before) * 1024, part, whole, weights
+
+
+@pytest.mark.slow
+def test_zero3_ranks_build_only_their_partition_with_the_same_weights():
+    """ZeRO-3: each module's parameters are partitioned over data parallel as it is built
+    (DeepSpeed's zero.Init), and each rank fills only its partition; gathered, the weights are
+    the unpartitioned model's."""
+    big = dataclasses.replace(GPT2, num_layers=8, hidden_size=1024, num_attention_heads=8,
+                              seq_len=64, max_position_embeddings=64)
+    for growth, part, whole, _ in run_on_ranks(4, _build_partitioned_and_measure, big, 4096,
+                                               timeout=300):
+        print(f"zero.Init build: RSS growth {growth / 2**20:.0f} MiB, partition "
+              f"{part / 2**20:.0f} MiB, model {whole / 2**20:.0f} MiB")
+        assert part < whole / 3.5
+        # Each module is allocated whole before zero.Init partitions it (measured: 132 MiB for
+        # a 100 MiB partition of a 401 MiB model).
+        assert growth < 1.5 * part, (growth, part, whole)
+    for style in sorted(STYLES):
+        gathered = run_on_ranks(2, _build_partitioned_and_measure, STYLES[style], ROWS,
+                                gather=True)[0][3]
+        reference = _assemble(run_on_ranks(1, _ours, STYLES[style], init_seed=0))
+        assert sorted(gathered) == sorted(reference)
+        for name, t in reference.items():
+            assert torch.equal(gathered[name], t), (style, name)
