@@ -112,7 +112,7 @@ def run(preset: str, tiny: bool = False, steps: Optional[int] = None, warmup: Op
                     extra or [])
     dist = _dist(device_type)
     padded = cfg.model.padded_vocab_size(1)
-    model = GPT(cfg.model, padded, 1, device_type).to(dist.device)
+    model = GPT(cfg.model, padded, 1, device_type, device=dist.device)  # built in place
     if cfg.trainer.compile:
         model = torch.compile(model)
     module = build_step_module(model, cfg, dist)
