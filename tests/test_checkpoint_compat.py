@@ -26,6 +26,11 @@ def test_a_v1_checkpoint_resumes_bitwise(tmp_path, layout):
     want = expected["records"]
     # Only the keys the old code wrote count: a metric added since is not a difference.
     got = [{k: r.get(k) for k in w} for r, w in zip(got, want)] + got[len(want):]
-    assert got == want, (f"steps 3-4 after resuming the v1 checkpoint differ from the run that "
-                         f"wrote it:\n got  {got}\n want {want}\n(written by "
-                         f"{expected['generated_by']}; other library versions can change bits)")
+    # Bitwise on the machine that wrote it; another CPU's kernels (seen: the same AVX512 level,
+    # another Xeon) may round a reduction differently, moving a gradient norm by one ulp (8e-8).
+    # A wrong RNG, data position or optimizer state moves them by 1e-3 or more.
+    close = [{k: pytest.approx(v, rel=1e-6, abs=0) if isinstance(v, float) else v
+              for k, v in w.items()} for w in want]
+    assert got == close, (f"steps 3-4 after resuming the v1 checkpoint differ from the run that "
+                          f"wrote it:\n got  {got}\n want {want}\n(written by "
+                          f"{expected['generated_by']}; other library versions can change bits)")
