@@ -62,7 +62,7 @@ class PipelineStep(DeepSpeedStep):
         losses = self._run(micro, step, forward_only=False)
         self._sum_tied_embedding_grads()
         local_loss = torch.stack(losses).mean() if losses else torch.zeros(())
-        global_loss = self._loss_over_ranks(local_loss.reshape(1), 1.0)
+        global_loss = self._loss_over_ranks(local_loss.reshape(1))
         skipped = veto(global_loss)
         t_opt = time.perf_counter()
         with discard_update(engine) if skipped else contextlib.nullcontext():
@@ -132,13 +132,13 @@ class PipelineStep(DeepSpeedStep):
         if weight is not None and weight.grad is not None:
             torch.distributed.all_reduce(weight.grad, group=self._ps.get_embedding_group())
 
-    def _loss_over_ranks(self, local: torch.Tensor, count: float) -> float:
+    def _loss_over_ranks(self, local: torch.Tensor) -> float:
         """The mean over data-parallel ranks of the last stage's `local` (every rank gets the same
         bits: one all-reduce, the other stages adding zeros)."""
         t = (local.detach().float().clone() if self.is_last_stage
              else torch.zeros(1)).to(self.dist.comm_device())
         torch.distributed.all_reduce(t)
-        return float(t.item()) / (self._loss_copies * count)
+        return float(t.item()) / self._loss_copies
 
 
 def _report(loss: torch.Tensor):
