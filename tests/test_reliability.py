@@ -114,6 +114,24 @@ def test_bad_step_on_one_rank_is_skipped_by_every_rank(tiny_dataset, tmp_path, z
     assert len(trainer_json["callbacks"]["stability"]["losses"]) == 3  # the spike window resumed
 
 
+def test_bad_steps_on_either_pipeline_stage_are_skipped_by_both(tiny_dataset, tmp_path):
+    """PP=2 (rank 0 the first stage, rank 1 the last): a NaN loss and a spike on the last stage are
+    vetoed on the loss both stages agree on; NaN gradients made on the first stage are found by
+    DeepSpeed's overflow check over the model-parallel group (TP x PP), so the last stage
+    discards its update too."""
+    faults = {2: "nan_loss@2:1", 5: "spike@5:1", 6: "nan_grad@6:0"}
+    run_train(tiny_overrides(tiny_dataset, tmp_path, steps=7, parallel__pp=2,
+                             parallel__zero_stage=1, trainer__checkpoint_every=1,
+                             trainer__keep_last=10, **SPIKE),
+              nproc=2, timeout=TIMEOUT, env={"PRETRAIN_FAULTS": ",".join(faults.values())})
+    for step in faults:
+        assert same(update_state(ckpt(tmp_path, step - 1)), update_state(ckpt(tmp_path, step))), \
+            f"step {step}'s update was applied"
+    before, after = update_state(ckpt(tmp_path, 3)), update_state(ckpt(tmp_path, 4))
+    assert [part for part in before if same(before[part], after[part])] == []
+    assert skipped(tmp_path) == {1: 0, 2: 1, 3: 1, 4: 1, 5: 2, 6: 3, 7: 3}
+
+
 def test_streak_of_bad_steps_rolls_back_then_stops(tiny_dataset, tmp_path):
     # Steps 3 and 4 bad (on different ranks): back to step 2, the data continuing after step 4's.
     # Steps 5 and 6 bad too: no rollback left (max_rollbacks=1), so the run stops with an error.

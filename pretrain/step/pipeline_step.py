@@ -113,7 +113,7 @@ class PipelineStep(DeepSpeedStep):
 
         def forward_step(data_iterator, model):
             out = model(next(data_iterator))
-            if self.is_last_stage and not forward_only:
+            if not forward_only:  # drills: the loss on the last stage, activations before it
                 out = faults.perturb_loss(out, step, rank)
             return out, _report
 
