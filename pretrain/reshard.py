@@ -189,12 +189,13 @@ def convert(step_dir: Path, target: Path) -> None:
     shutil.rmtree(target, ignore_errors=True)
     saved = Layout.from_file(step_dir / LAYOUT) if (step_dir / LAYOUT).exists() else None
     if saved is not None and saved.pp > 1:
-        tied = read_config(step_dir).model.tie_embeddings
-        sources = reshard_pipeline.stage_sources(step_dir, saved, tied, scratch / "sources")
+        model = read_config(step_dir).model
+        sources = reshard_pipeline.stage_sources(step_dir, saved, model.num_layers // saved.pp,
+                                                 scratch / "sources")
         outs = [_run_converter(src, scratch / f"out{i}" / step_dir.name, step_dir)
                 for i, src in enumerate(sources)]
         out = scratch / step_dir.name
-        reshard_pipeline.merge_stages(outs, out, tied)
+        reshard_pipeline.merge_stages(outs, out, model.tie_embeddings)
     else:
         source = scratch / "source"
         _plain_source(step_dir, source)

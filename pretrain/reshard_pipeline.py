@@ -28,16 +28,15 @@ from pretrain.layout import Layout
 from pretrain.model.init import global_name
 from pretrain.safe_load import safe_load
 
-_LOCAL_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _MODEL = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
 _OPTIM = re.compile(r"^((?:bf16_)?zero_pp_rank_\d+_)mp_rank_(\d+)(_optim_states\.pt)$")
 TIED_COPY = "gpt.output_layer.weight"
 
 
-def stage_sources(step_dir: Path, saved: Layout, tied: bool, scratch: Path) -> List[Path]:
-    """One converter input directory per stage, its names global; returns them in stage order."""
+def stage_sources(step_dir: Path, saved: Layout, per_stage: int, scratch: Path) -> List[Path]:
+    """One converter input directory per stage (of `per_stage` layers), its names global;
+    returns them in stage order."""
     tp = saved.tp
-    per_stage = _layers_per_stage(step_dir / f"mp_rank_{0:02d}_model_states.pt")
     sources = []
     for stage in range(saved.pp):
         src = scratch / f"stage{stage}"
@@ -89,18 +88,8 @@ def merge_stages(outputs: List[Path], target: Path, tied: bool) -> None:
 def global_names(module: torch.nn.Module, tied: bool) -> Dict[int, str]:
     """id(parameter) -> the name it has in the whole model (this stage's layers renumbered, a
     tied output layer named after the word table it copies)."""
-    layers = module.gpt.decoder.layers
-    offset = layers[0].layer_number - 1 if len(layers) else 0
-    return {id(p): global_name(name, offset, tied) for name, p in module.named_parameters()}
-
-
-def _layers_per_stage(first_model_file: Path) -> int:
-    state = safe_load(first_model_file)
-    names = list(state.get("module") or {})
-    layers = {int(m.group(1)) for n in names if (m := _LOCAL_LAYER.search(n))}
-    if not layers:
-        raise CheckpointError(f"{first_model_file} holds no transformer layers")
-    return max(layers) + 1
+    return {id(p): global_name(name, module.layer_offset, tied)
+            for name, p in module.named_parameters()}
 
 
 def _renamed_model_state(state: dict, rename: Callable[[str], str], tp: int) -> dict:

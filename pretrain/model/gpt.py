@@ -6,8 +6,9 @@ The model file holds no distributed code: megatron-core's tensor-parallel layers
 
 Construction never holds more than this rank's shard: the GPTModel is built on the meta device
 (no memory, no init), then materialised on its device (`to_empty`: the local shard only) and
-filled by pretrain.model.init, whose per-tensor generators make the weights the same whatever the
-TP/PP/DP layout (one full tensor is drawn at a time, then sliced).
+filled by pretrain.model.init, whose per-row generators make the weights the same whatever the
+TP/PP/DP layout (a rank draws only the rows it keeps). Under ZeRO-3 the modules are built inside
+DeepSpeed's zero.Init instead and each rank fills only its partition.
 """
 
 from __future__ import annotations
@@ -146,11 +147,9 @@ class GPT(nn.Module):
             )
         if partitioned is None:
             _materialize(self.gpt, torch.device(device or "cpu"))
-        layers = self.gpt.decoder.layers
         initialize(self.gpt.named_parameters(), seed=seed, init_std=cfg.init_std,
                    num_layers=cfg.num_layers, tp=tp, tp_rank=tp_rank,
-                   layer_offset=layers[0].layer_number - 1 if len(layers) else 0,
-                   tied=cfg.tie_embeddings)
+                   layer_offset=self.layer_offset, tied=cfg.tie_embeddings)
         if pp > 1 and last and cfg.tie_embeddings:
             # The last stage's copy of the tied embedding: its gradient is summed with the first
             # stage's (pretrain.step.pipeline_step), and the gradient norm counts it once.
@@ -163,6 +162,12 @@ class GPT(nn.Module):
     @property
     def model_type(self):
         return self.gpt.model_type
+
+    @property
+    def layer_offset(self) -> int:
+        """The global number of this stage's first layer (0 without pipeline stages)."""
+        layers = self.gpt.decoder.layers
+        return layers[0].layer_number - 1 if len(layers) else 0
 
     def set_input_tensor(self, tensor) -> None:
         self.gpt.set_input_tensor(tensor)

@@ -46,7 +46,6 @@ class PipelineStep(DeepSpeedStep):
         super().__init__(model, cfg, dist, load_universal)
         self._ps = ps
         self._schedule = get_forward_backward_func()
-        self.model = self.engine.module
         self.is_last_stage = ps.is_pipeline_last_stage()
         # The model-parallel copies of the loss: every TP rank of the last stage holds it.
         self._loss_copies = dist.world_size // dist.layout.pp
@@ -78,11 +77,11 @@ class PipelineStep(DeepSpeedStep):
     @torch.no_grad()
     def eval_loss(self, batches: Iterator[torch.Tensor]) -> float:
         micro = [b.to(self.dist.device) for b in batches]
-        self.model.eval()
+        self.module.eval()
         try:
             losses = self._run(micro, step=0, forward_only=True) if micro else []
         finally:
-            self.model.train()
+            self.module.train()
         total = torch.stack(losses).sum().reshape(1) if losses else torch.zeros(1)
         count = float(len(losses)) if self.is_last_stage else 0.0
         t = torch.cat([total.double().cpu(), torch.tensor([count], dtype=torch.float64)])
@@ -98,7 +97,7 @@ class PipelineStep(DeepSpeedStep):
         from pretrain.reshard_pipeline import global_names
 
         optimizer = self.engine.optimizer
-        names = global_names(self.model, self.model.cfg.tie_embeddings)
+        names = global_names(self.module, self.module.cfg.tie_embeddings)
         local = dict(optimizer.param_names)
         optimizer.param_names = {p: names.get(id(p), n) for p, n in local.items()}
         try:
@@ -119,16 +118,16 @@ class PipelineStep(DeepSpeedStep):
 
         with cuda_tensors_on_cpu(self.dist.device_type):
             store = self._schedule(
-                forward_step_func=forward_step, data_iterator=iter(micro), model=self.model,
+                forward_step_func=forward_step, data_iterator=iter(micro), model=self.module,
                 num_microbatches=len(micro), seq_length=micro[0].shape[1] - 1,
                 micro_batch_size=micro[0].shape[0], forward_only=forward_only)
         return [d["loss"] for d in store] if self.is_last_stage else []
 
     def _sum_tied_embedding_grads(self) -> None:
         """Add up the gradients of the tied embedding's two copies (first and last stage)."""
-        if not self.model.cfg.tie_embeddings or not self._ps.is_rank_in_embedding_group():
+        if not self.module.cfg.tie_embeddings or not self._ps.is_rank_in_embedding_group():
             return
-        weight = self.model.gpt.shared_embedding_or_output_weight()
+        weight = self.module.gpt.shared_embedding_or_output_weight()
         if weight is not None and weight.grad is not None:
             torch.distributed.all_reduce(weight.grad, group=self._ps.get_embedding_group())
 

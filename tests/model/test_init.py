@@ -98,7 +98,7 @@ def _ours(dist, cfg, init_seed=7):
     from pretrain.model.gpt import GPT
 
     model = GPT(cfg, ROWS, dist.tp, "cpu", pp=dist.layout.pp, seed=init_seed)
-    offset = model.gpt.decoder.layers[0].layer_number - 1
+    offset = model.layer_offset
     out = {}
     for name, p in model.gpt.named_parameters():
         gname = global_name(name, offset, tied=False)  # the tied copy is compared as its own name
