@@ -122,14 +122,15 @@ _DIST = None
 
 
 def cpu_dist(seed: int = 1234):
-    """One gloo rank with megatron's parallel state (TP=1), started once per process and
-    reseeded on every call."""
+    """Gloo with megatron's parallel state (TP=1), started once per process and reseeded on every
+    call: one rank, or under torchrun the ranks it started (data parallel)."""
     global _DIST
     if _DIST is None:
         from pretrain.config import ParallelConfig
         from pretrain.dist import Dist
 
-        _DIST = Dist.from_env(ParallelConfig(tp=1, device="cpu"), env={}).initialize(seed)
+        env = dict(os.environ) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}
+        _DIST = Dist.from_env(ParallelConfig(tp=1, device="cpu"), env=env).initialize(seed)
     _DIST.seed(seed)
     return _DIST
 

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from pretrain import faults
-from pretrain.checkpoint_writer import BackgroundWriter
+from pretrain.checkpoint_writer import BackgroundRemover, BackgroundWriter
 from pretrain.client_state import ClientState
 from pretrain.errors import CheckpointError
 from pretrain.fsio import atomic_write
@@ -85,6 +85,7 @@ def step_of(path: Path) -> int:
 
 
 UNIVERSAL = ".universal"
+PRUNED = ".pruned.tmp"  # a pruned checkpoint whose files are being removed
 
 
 def universal_dir(step_dir: Path) -> Path:
@@ -310,6 +311,7 @@ class Checkpointer:
         self.writer = (BackgroundWriter(dist.rank, pin_memory=dist.device_type == "cuda")
                        if background else None)
         self.in_flight: Optional[_InFlight] = None
+        self._remover = BackgroundRemover()
         self._reports: List[SaveReport] = []  # committed saves not yet taken, oldest first
 
     def save(self, module, step: int, state: ClientState,
@@ -469,11 +471,23 @@ class Checkpointer:
         atomic_write(self.root / "latest", final.name)
 
     def _prune(self, keep: Path, protect: Optional[Path] = None) -> None:
+        """Older checkpoints beyond keep_last leave the checkpoints at once (renamed to
+        `<name>.pruned.tmp`, which no lookup takes for a checkpoint); their files are removed in
+        the background (pretrain.checkpoint_writer.BackgroundRemover)."""
         found = committed(self.root)
         for old in found[:-self.keep_last]:
             if old not in (keep, protect):
-                shutil.rmtree(universal_dir(old), ignore_errors=True)
-                shutil.rmtree(old, ignore_errors=True)
+                for d in (old, universal_dir(old)):  # the checkpoint first: then it is gone
+                    if d.exists():
+                        doomed = d.with_name(d.name + PRUNED)
+                        if doomed.exists():  # left by an earlier prune of a re-saved step
+                            shutil.rmtree(doomed, ignore_errors=True)
+                        os.replace(d, doomed)
+                        self._remover.remove(doomed)
+
+    def close(self) -> None:
+        """At the end of training: the pruned checkpoints' files are gone (not collective)."""
+        self._remover.wait()
 
     def load(self, module, path: Path, load_optimizer: bool = True) -> ClientState:
         """Collective. Loads the step module's engine state (model, optimizer, LR schedule) and

@@ -77,7 +77,7 @@ def test_writer_writes_the_state_as_it_was_at_submit(tmp_path):
     for step in (1, 2):  # the second save reuses the first one's staging buffers
         w.begin(step)
         state = {"w": weight, "same": weight, "view": view, "meta": [step, ("a", 1)]}
-        w.submit(torch.save, state, str(tmp_path / f"s{step}.pt"))
+        w.submit(state, str(tmp_path / f"s{step}.pt"))
         weight.add_(100)  # training goes on in place at once
         w.wait()
         assert w.error is None and w.idle()
@@ -86,7 +86,7 @@ def test_writer_writes_the_state_as_it_was_at_submit(tmp_path):
         assert torch.equal(saved["w"], want) and torch.equal(saved["view"], want[2:4])
         assert saved["same"] is saved["w"] and saved["meta"] == [step, ("a", 1)]
     w.begin(3)
-    w.submit(torch.save, {"w": weight}, str(tmp_path / "missing" / "s3.pt"))
+    w.submit({"w": weight}, str(tmp_path / "missing" / "s3.pt"))
     w.wait()
     assert "does not exist" in str(w.error)  # kept for the checkpointer, not raised in the thread
 

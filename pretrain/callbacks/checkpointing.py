@@ -63,6 +63,7 @@ class CheckpointCallback(Callback):
         if self.last_saved_step != trainer.state.step:
             self.save(trainer)
         self._report(trainer)
+        self.checkpointer.close()
 
     def save(self, trainer: Trainer, background: bool = False) -> Optional[Path]:
         path = self.checkpointer.save(trainer.module, trainer.state.step, self.client_state(trainer),

@@ -93,10 +93,10 @@ def save_engine(engine, root: Path, tag: str, client_state: Dict[str, Any],
         return call
 
     ce = engine.checkpoint_engine
-    original = ce.save  # bound now: ce.save is patched below, the writer's thread runs later
+    original = ce.save  # bound now: ce.save is patched below
 
     def staged(state_dict, path):
-        writer.submit(original, state_dict, path)
+        writer.submit(state_dict, path)
 
     with _patched(ce, "save", deferred(original if writer is None else staged)), \
             _patched(engine, "_copy_recovery_script", deferred(engine._copy_recovery_script)):
