@@ -131,8 +131,8 @@ def checkpoint_rows(size: str) -> List[Row]:
     shape = bc.ASYNC_SHAPES[_pick(size, "91m", "23m", "test")]
     res = bc.run_async(shape, rounds=_pick(size, 3, 2, 1))
     for figure, sync, asynchronous, ratio, target in res.rows():
-        rows.append(["checkpoint", f"async save: {figure}, {res.megabytes:.0f} MB",
-                     f"{asynchronous:.3g}", f"{sync:.3g}", ratio, target])
+        rows.append(["checkpoint", f"async save: {figure.strip()}, {res.megabytes:.0f} MB",
+                     f"{asynchronous:.3g}", f"{sync:.3g}" if sync != "" else "", ratio, target])
     return rows
 
 

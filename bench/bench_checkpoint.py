@@ -169,6 +169,8 @@ class AsyncResult:
     blocked: Dict[str, List[float]]  # "sync", "async": seconds the loop stood still per save
     durable: Dict[str, List[float]]  # seconds of writing per save (async: staging + the thread's)
     step_after: Dict[str, List[float]]  # the step right after the save began; "none": no save
+    copying: List[float]  # async: the thread copying the state to host memory
+    waiting: List[float]  # of the async block: the next update waiting for those copies
 
     def median(self, what: Dict[str, List[float]], name: str) -> float:
         return statistics.median(what[name])
@@ -179,6 +181,10 @@ class AsyncResult:
         return [
             ["loop blocked by a save (s)", m(b, "sync"), m(b, "async"),
              f"{m(b, 'async') / m(b, 'sync'):.0%} of sync", "<= 10%"],
+            ["  of it: the next update waiting for the copies (s)", "",
+             statistics.median(self.waiting), "", ""],
+            ["copying the state to host memory, in the background (s)", "",
+             statistics.median(self.copying), "", ""],
             ["step after the save began (s)", m(a, "none"), m(a, "async"),
              f"{m(a, 'async') / m(a, 'none'):.2f}x a step without", "<= 1.1x"],
             ["writing one checkpoint (s)", m(d, "sync"), m(d, "async"),
@@ -217,6 +223,8 @@ def run_async(shape: Shape, rounds: int = 3, workdir: Optional[str] = None) -> A
     blocked: Dict[str, List[float]] = {"sync": [], "async": []}
     durable: Dict[str, List[float]] = {"sync": [], "async": []}
     after: Dict[str, List[float]] = {"sync": [], "async": [], "none": []}
+    copying: List[float] = []
+    waiting: List[float] = []
     try:
         ckpts = {"sync": Checkpointer(tmp / "sync", dist, keep_last=1),
                  "async": Checkpointer(tmp / "async", dist, keep_last=1, background=True)}
@@ -238,6 +246,9 @@ def run_async(shape: Shape, rounds: int = 3, workdir: Optional[str] = None) -> A
                         if report.background else report.write_seconds
                     durable[name].append(background)
                     after[name].append(first_step)
+                    if report.background:
+                        copying.append(ckpt.writer.copy_seconds)
+                        waiting.append(ckpt.writer.staging_wait_seconds)
             os.sync()
             seconds = step()
             if keep:
@@ -246,7 +257,8 @@ def run_async(shape: Shape, rounds: int = 3, workdir: Optional[str] = None) -> A
         for ckpt in ckpts.values():
             ckpt.close()
         dist.barrier()
-        return AsyncResult(shape, megabytes, dist.world_size, blocked, durable, after)
+        return AsyncResult(shape, megabytes, dist.world_size, blocked, durable, after, copying,
+                           waiting)
     finally:
         if dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)

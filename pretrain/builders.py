@@ -84,9 +84,7 @@ def build_run(cfg: Config, dist: Dist, sources: Sources, run_dir: Path,
                            "flops_per_token": fpt, "device": device_name or dist.device_type,
                            "peak_tflops_per_device": peak / 1e12 if peak else None,
                            "world_size": dist.world_size, **layout.batch_sizes()})
-    background = cfg.trainer.async_save
-    if background is None:
-        background = dist.device_type == "cuda"
+    background = cfg.trainer.async_save is not False  # null (older configs): the default, on
     checkpointer = Checkpointer(run_dir / "checkpoints", dist, cfg.trainer.keep_last,
                                 cfg.trainer.seed, background=background)
     merge_rules = reshard.universal_info(module.module, padded, cfg.model.activation == "swiglu")

@@ -343,6 +343,8 @@ class Checkpointer:
             if writer is not None:
                 writer.begin(step)
             module.save(self.root, tmp.name, state.to_dict(), writer)
+            if writer is not None:
+                writer.start()
             torch.save(rng_state(), tmp / f"rng_rank{self.dist.rank:05d}.pt")
             if faults.active("crash_in_save", step, self.dist.rank):
                 raise faults.InjectedFault(f"injected failure after rank {self.dist.rank} wrote")
@@ -429,6 +431,8 @@ class Checkpointer:
                 log.warning("could not remove checkpoints older than the newest %d: %s",
                             self.keep_last, e)
         block = pending.block_seconds + time.perf_counter() - t0
+        if background:  # the step module waited for the copies before its next update
+            block += self.writer.staging_wait_seconds
         self._reports.append(SaveReport(
             pending.step, pending.final, background, block,
             self.writer.write_seconds if background else block, pending.wait_seconds))

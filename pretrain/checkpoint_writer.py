@@ -1,19 +1,23 @@
-"""The background writer of asynchronous checkpoint saves: one thread per rank.
+"""The background writer of asynchronous checkpoint saves: a thread per save, on every rank.
 
-A file handed to `submit` is first staged: every tensor of its state is copied to host memory
-(into buffers kept from the previous save of the same file, pinned when the tensors are on a GPU)
-and every other object of it is deep-copied, so that training may change the originals in place
-as soon as `submit` returns. Containers are rebuilt around the copies; a tensor reached twice is
-copied once. The buffers are aligned for O_DIRECT (pretrain.direct_write.host_buffer). The thread
-then writes the staged state in torch.save's format, the tensor bytes straight from the buffers
-to the disk (pretrain.direct_write.save: what DeepSpeed's loader, the universal conversion and the
-export read), and fsyncs the file.
+Each file DeepSpeed's save hands to `submit` is staged: its containers are rebuilt around views
+into host buffers kept from the previous save of the same file (one buffer per dtype, aligned
+for O_DIRECT: `_Packed`), and every other object of it is deep-copied. The tensors' bytes are
+copied into the buffers
+- at once when they are on a GPU (pinned buffers, the device's copy speed), or
+- on CPU, by the save's thread, while the next step's forward and backward run: those leave
+  the weights and optimizer state alone, and the step module calls `wait_staged()` before its
+  optimizer update (pretrain.step.DeepSpeedStep.before_update). Copying at the step boundary
+  instead stopped the loop for 11% of a synchronous save's time at 350M parameters on 2 ranks.
+After the copies the thread drops to nice 19 and writes each file in torch.save's format, the
+tensor bytes straight from the buffers to the disk (pretrain.direct_write.save: what DeepSpeed's
+loader, the universal conversion and the export read), and fsyncs it.
 
 Why not torch.save in the thread, as the synchronous save does: measured with a 91M-parameter
 model on the 2-core CPU machine, pickling, CRC32 and the copy into the page cache on the writer
 thread made the step after a save 1.5x-2.7x a step without one and wrote at 0.3x-0.8x the
-synchronous save's speed; with O_DIRECT the thread costs training next to nothing (see
-bench/bench_checkpoint.py --only-async for today's figures).
+synchronous save's speed; with O_DIRECT from packed buffers the writes cost training next to
+nothing (bench/bench_checkpoint.py --only-async has today's figures).
 
 Why a thread and not a fork()ed child that writes the live state copy-on-write: measured here
 (216 MB of tensors, 2 cores) fork() alone blocked 0.11 s, about what staging the copy costs,
@@ -23,7 +27,9 @@ process that runs gloo, OpenMP and DataLoader threads may deadlock on a lock one
 Failures are not raised here: `error` holds the first one, the remaining files of that save are
 skipped, and the checkpointer (pretrain.checkpoint) agrees on it with the other ranks at a step
 boundary. Staging buffers are reused only once the previous save's writes are over, which the
-checkpointer guarantees (at most one save in flight).
+checkpointer guarantees (at most one save in flight). A thread per save, not one for the run:
+the copies run at normal priority (an update may be waiting for them) and a thread cannot raise
+its priority again once lowered.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -48,53 +55,78 @@ from pretrain import direct_write, faults
 log = logging.getLogger(__name__)
 
 SLOW_WRITE_S = 4.0  # how long the slow_write drill holds a save's first file
+SLOW_STAGING_S = 2.0  # how long the slow_staging drill holds a save's copies
 
 
 class BackgroundWriter:
+    """One rank's writer: `begin(step)`, `submit(state, path)` for each file of the save,
+    `start()`; the caller then calls `wait_staged()` before it next changes any tensor it
+    submitted (the optimizer update), and polls `idle()` / `error`."""
+
     def __init__(self, rank: int, pin_memory: bool = False):
         self.rank = rank
         self.pin_memory = pin_memory
-        self._queue: "queue.Queue[tuple]" = queue.Queue()
         self._buffers: Dict[str, _Packed] = {}  # file name -> its staging buffers
+        self._files: List[_File] = []  # this save's, until start()
+        self._staged = threading.Event()  # every copy of the save in flight is made
+        self._staged.set()
         self._lock = threading.Lock()
-        self._unfinished = 0  # files submitted and not yet written (or skipped)
+        self._unfinished = 0  # saves started and not yet written (or skipped)
         self._thread: Optional[threading.Thread] = None
         self.step = 0
         self.error: Optional[BaseException] = None
-        self.write_seconds = 0.0  # the thread's time writing this save's files
-        self.staging_seconds = 0.0  # the caller's time copying this save's state
+        self.write_seconds = 0.0  # the thread's time copying and writing this save's files
+        self.staging_seconds = 0.0  # the caller's time in submit()
+        self.copy_seconds = 0.0  # the thread's time copying (copies deferred to it)
+        self.staging_wait_seconds = 0.0  # the caller's time in wait_staged()
         self.written = direct_write.Written()  # this save's tensor bytes, direct and buffered
 
     def begin(self, step: int) -> None:
         """A new save: its step (fault drills), cleared error and clocks. Only when idle."""
         assert self.idle(), "a save is still being written"
-        self.step, self.error = step, None
+        self.step, self.error, self._files = step, None, []
         self.write_seconds = self.staging_seconds = 0.0
+        self.copy_seconds = self.staging_wait_seconds = 0.0
         self.written = direct_write.Written()
 
     def submit(self, state: Any, path: str) -> None:
-        """Stage `state` (see the module doc) and queue its write to `path`; returns at once."""
+        """Stage `state` (see the module doc) for a write to `path`; written after start()."""
         t0 = time.perf_counter()
-        staged = self._stage(state, Path(path).name)
+        self._files.append(self._stage(state, Path(path).name, str(path)))
         self.staging_seconds += time.perf_counter() - t0
+
+    def start(self) -> None:
+        """Hand this save's files to a thread of its own: it makes the deferred copies at normal
+        priority (the next update may be waiting for them), then writes at nice 19."""
+        files, self._files = self._files, []
+        if any(f.copies for f in files):
+            self._staged.clear()
         with self._lock:
             self._unfinished += 1
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
-            self._thread.start()
-        self._queue.put((staged, str(path), self.step))
+        self._thread = threading.Thread(target=self._run, args=(files,), daemon=True,
+                                        name=f"checkpoint-writer-{self.step}")
+        self._thread.start()
+
+    def wait_staged(self) -> None:
+        """Return once every tensor submitted so far is copied: from then on training may change
+        them. Its time counts in the save's block time (pretrain.checkpoint)."""
+        if not self._staged.is_set():
+            t0 = time.perf_counter()
+            self._staged.wait()
+            self.staging_wait_seconds += time.perf_counter() - t0
 
     def idle(self) -> bool:
-        """Every submitted file written (or skipped after a failure)."""
+        """Every started save written (or skipped after a failure)."""
         with self._lock:
             return self._unfinished == 0
 
     def wait(self) -> None:
-        self._queue.join()
+        if self._thread is not None:
+            self._thread.join()
 
     # ---- staging -----------------------------------------------------------------------------
     @torch.no_grad()
-    def _stage(self, state: Any, name: str) -> Any:
+    def _stage(self, state: Any, name: str, path: str) -> "_File":
         originals: Dict[int, torch.Tensor] = {}  # id -> tensor, in the order first reached
 
         def collect(x: Any) -> None:
@@ -108,47 +140,60 @@ class BackgroundWriter:
                     collect(v)
 
         collect(state)
-        tensors = list(originals.values())
+        tensors = [t.detach() for t in originals.values()]
         layout = [(tuple(t.shape), t.dtype, t.is_cuda) for t in tensors]
         packed = self._buffers.get(name)
         if packed is None or packed.layout != layout:  # a file's layout stays the same save to save
             packed = self._buffers[name] = _Packed(layout, self.pin_memory)
-        for t, copy_to in zip(tensors, packed.views):
-            copy_to.copy_(t.detach(), non_blocking=t.is_cuda)
-        copies = {key: view for key, view in zip(originals, packed.views)}
+        copies = list(zip(tensors, packed.views))
+        if any(t.is_cuda for t in tensors):  # copied now, at the device's copy speed
+            for t, copy_to in copies:
+                copy_to.copy_(t, non_blocking=True)
+            torch.cuda.synchronize()  # the non-blocking copies are in host memory from here on
+            copies = []
+        views = {key: view for key, view in zip(originals, packed.views)}
 
         def walk(x: Any) -> Any:
             if isinstance(x, torch.Tensor):
-                return copies[id(x)]
+                return views[id(x)]
             if type(x) in (dict, OrderedDict):
                 return type(x)((k, walk(v)) for k, v in x.items())
             if type(x) in (list, tuple):
                 return type(x)(walk(v) for v in x)
             return copy.deepcopy(x)  # a small object (a loss scaler): training may change it
 
-        staged = walk(state)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # the non-blocking copies are in host memory from here on
-        return staged
+        return _File(path, walk(state), copies)
 
     # ---- the thread ----------------------------------------------------------------------------
-    def _run(self) -> None:
-        _lower_priority()
-        while True:
-            staged, path, step = self._queue.get()
-            try:
-                if self.error is None:  # after a failure the rest of that save is skipped
-                    t0 = time.perf_counter()
-                    self._write(staged, path, step)
-                    self.write_seconds += time.perf_counter() - t0
-            except BaseException as e:  # agreed on by the checkpointer at a step boundary
-                self.error = e
-                log.debug("background write of %s failed: %s", path, e)
-            finally:
-                del staged
-                with self._lock:
-                    self._unfinished -= 1
-                self._queue.task_done()
+    def _run(self, files: List["_File"]) -> None:
+        try:
+            t0 = time.perf_counter()
+            self._copy(files)
+            self.copy_seconds = time.perf_counter() - t0
+            _lower_priority()  # the writes cost little CPU (O_DIRECT); they wait behind training
+            for f in files:
+                self._write(f.staged, f.path, self.step)
+            self.write_seconds = time.perf_counter() - t0
+        except BaseException as e:  # agreed on by the checkpointer at a step boundary
+            self.error = e
+            log.debug("background save of step %d failed: %s", self.step, e)
+        finally:
+            self._staged.set()  # also after a failure: nothing waits for copies never made
+            del files
+            with self._lock:
+                self._unfinished -= 1
+
+    @torch.no_grad()
+    def _copy(self, files: List["_File"]) -> None:
+        if faults.active("slow_staging", self.step, self.rank):
+            print(f"[fault] rank {self.rank} holds its step-{self.step} copies for "
+                  f"{SLOW_STAGING_S:.0f}s", flush=True)
+            time.sleep(SLOW_STAGING_S)
+        for f in files:
+            for t, copy_to in f.copies:
+                copy_to.copy_(t)
+            f.copies = []  # the originals are no longer held
+        self._staged.set()
 
     def _write(self, staged: Any, path: str, step: int) -> None:
         if faults.active("slow_write", step, self.rank):
@@ -165,6 +210,16 @@ class BackgroundWriter:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+@dataclass
+class _File:
+    """One file of a save: its staged state (views into the staging buffers) and the copies
+    into them still to be made by the thread ((original, buffer view) pairs)."""
+
+    path: str
+    staged: Any
+    copies: List[Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 def _lower_priority() -> None:

@@ -293,9 +293,9 @@ class TrainerConfig:
     # minutes: it must exceed the longest step including its checkpoint save and eval. 0: off.
     watchdog_min: float = 30.0
     # Scheduled checkpoints staged in host memory and written by a background thread, committed
-    # at a later step once every rank is done (pretrain.checkpoint). null: on with CUDA, off on
-    # CPU (there the writer thread slows the next steps by about what it saves: README "Resuming").
-    async_save: Optional[bool] = None
+    # at a later step once every rank is done (pretrain.checkpoint). false: every save
+    # synchronous (no host copy of the state). null is taken for true (older configs).
+    async_save: Optional[bool] = True
 
     def validate(self) -> None:
         p = "trainer"
@@ -311,7 +311,7 @@ class TrainerConfig:
                "must be auto, on or off")
         _check(self.watchdog_min >= 0, f"{p}.watchdog_min", "must be >= 0 (0 turns it off)")
         _check(self.async_save in (None, True, False), f"{p}.async_save",
-               f"must be true, false or null (null: true on GPU), got {self.async_save!r}")
+               f"must be true or false, got {self.async_save!r}")
         if self.global_batch_size is not None:
             _check(self.global_batch_size > 0, f"{p}.global_batch_size", "must be positive")
 

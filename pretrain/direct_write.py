@@ -14,12 +14,13 @@ against 0.52 GB/s for buffered writes + fsync (dd, 1 GiB).
 
 What cannot go direct goes through the page cache, in the same file: a buffer that is not
 aligned (a tensor that was not staged into a `host_buffer`), the last partial block of each
-record, a platform or file system without O_DIRECT, a path torch's writer cannot open (not
+record, a platform or file system without O_DIRECT (or refusing a direct write), a path torch's writer cannot open (not
 ASCII: then the whole file is `torch.save`d). The caller fsyncs the file.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import weakref
@@ -108,7 +109,15 @@ def _fill(path: str, storages: Dict[str, torch.UntypedStorage],
             offset, n = offsets[name], len(data)
             head = n - n % ALIGN if direct is not None and offset % ALIGN == 0 \
                 and storage.data_ptr() % ALIGN == 0 else 0
-            _write_all(direct, data[:head], offset)
+            try:
+                _write_all(direct, data[:head], offset)
+            except OSError as e:
+                if e.errno != errno.EINVAL:  # a full disk, an I/O error: the save fails
+                    raise
+                # opened with O_DIRECT but a write refused (a larger logical block): from here
+                # on through the page cache
+                os.close(direct)
+                direct, head = None, 0
             _write_all(fd, data[head:], offset + head)
             done.direct += head
             done.buffered += n - head

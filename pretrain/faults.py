@@ -14,6 +14,8 @@ every check is a dictionary lookup that finds nothing. Steps are 1-based, as in 
                    fails as on a full disk (OSError ENOSPC)
     slow_write  the rank's background writer (trainer.async_save) holds the step-k checkpoint's
                 first file for a few seconds before writing it (pretrain.checkpoint_writer)
+    slow_staging  the rank's background writer holds the copies of the step-k checkpoint's
+                tensors for a few seconds (the next optimizer update must wait for them)
     enospc_in_write  the rank's background write of the step-k checkpoint fails as on a full
                 disk (OSError ENOSPC)
 

@@ -14,10 +14,13 @@ import pytest
 import torch
 
 from pretrain.checkpoint import committed, damaged, find_latest, step_name
-from pretrain.checkpoint_writer import SLOW_WRITE_S, BackgroundWriter
+from pretrain import faults
+from pretrain.checkpoint_writer import SLOW_STAGING_S, SLOW_WRITE_S, BackgroundWriter
+from tests.helpers.disks import small_ext4
 from tests.launch_helpers import REPO, cpu_env, read_metrics, run_train, tiny_overrides, train_cmd
 from tests.test_checkpoint import assert_same_params, final_params, losses
-from tests.test_checkpoint_safety import rank_errors
+from tests.test_checkpoint_safety import assert_previous_is_latest_and_loads, rank_errors
+from tests.test_checkpoint_safety import overrides as safety_overrides
 
 TOTAL = 6
 
@@ -78,7 +81,10 @@ def test_writer_writes_the_state_as_it_was_at_submit(tmp_path):
         w.begin(step)
         state = {"w": weight, "same": weight, "view": view, "meta": [step, ("a", 1)]}
         w.submit(state, str(tmp_path / f"s{step}.pt"))
-        weight.add_(100)  # training goes on in place at once
+        state["meta"].append("changed")  # objects are copied at submit
+        w.start()
+        w.wait_staged()  # on CPU the thread copies the tensors: training waits before updating
+        weight.add_(100)  # the update, in place
         w.wait()
         assert w.error is None and w.idle()
         saved = torch.load(tmp_path / f"s{step}.pt")
@@ -87,8 +93,28 @@ def test_writer_writes_the_state_as_it_was_at_submit(tmp_path):
         assert saved["same"] is saved["w"] and saved["meta"] == [step, ("a", 1)]
     w.begin(3)
     w.submit({"w": weight}, str(tmp_path / "missing" / "s3.pt"))
+    w.start()
     w.wait()
     assert "does not exist" in str(w.error)  # kept for the checkpointer, not raised in the thread
+
+
+def test_wait_staged_returns_only_once_the_copies_are_made(tmp_path, monkeypatch):
+    """The copies held (the slow_staging drill): wait_staged waits for them, and what is saved
+    is the state at submit even though the caller changes it right after wait_staged."""
+    monkeypatch.setenv("PRETRAIN_FAULTS", "slow_staging@7")
+    monkeypatch.setattr(faults, "_PARSED", None)
+    monkeypatch.setattr(faults, "_FIRED", set())
+    w = BackgroundWriter(rank=0)
+    weight = torch.zeros(1000)
+    w.begin(7)
+    w.submit({"w": weight}, str(tmp_path / "s.pt"))
+    w.start()
+    t0 = time.monotonic()
+    w.wait_staged()
+    assert time.monotonic() - t0 >= SLOW_STAGING_S * 0.9 and w.staging_wait_seconds > 0
+    weight.fill_(1.0)
+    w.wait()
+    assert w.error is None and torch.equal(torch.load(tmp_path / "s.pt")["w"], torch.zeros(1000))
 
 
 # ---- the CLI, 2 ranks ----------------------------------------------------------------------------
@@ -98,14 +124,15 @@ def test_resume_from_a_background_save_is_bitwise_exact(tiny_dataset, tmp_path, 
     run = tmp_path / "run"
     first = run_train(args(tiny_dataset, run, 5, parallel__zero_stage=zero,
                            trainer__checkpoint_every=1),
-                      nproc=2, env={"PRETRAIN_FAULTS": "slow_write@3"})
-    # Step 3's files were held in the writers while step 4 updated the state in place; step 4's
-    # save waited for them.
+                      nproc=2, env={"PRETRAIN_FAULTS": "slow_staging@3,slow_write@3"})
+    # Step 3's copies were held in the writers: step 4's update waited for them (without that
+    # wait the checkpoint would hold step 4's weights and the resume below would differ). Its
+    # files were then held while step 4 updated the state in place; step 4's save waited.
     assert "step_00000004 is due while step_00000003 is still being written" in first.stdout
     saves = {r["checkpoint_step"]: r for r in read_metrics(run) if "checkpoint_step" in r}
     assert sorted(saves) == [1, 2, 3, 4, 5]
     assert saves[3]["checkpoint_write_s"] >= SLOW_WRITE_S and saves[4]["checkpoint_wait_s"] > 1
-    assert saves[3]["checkpoint_block_s"] < SLOW_WRITE_S
+    assert SLOW_STAGING_S * 0.9 <= saves[3]["checkpoint_block_s"] < SLOW_STAGING_S + SLOW_WRITE_S
     step3 = run / "checkpoints" / step_name(3)
     second = run_train(args(tiny_dataset, run, TOTAL, parallel__zero_stage=zero,
                             trainer__resume_from=step3), nproc=2)
@@ -182,6 +209,27 @@ def test_full_disk_in_a_background_write_ends_every_rank(tiny_dataset, tmp_path)
 
 
 @pytest.mark.slow
+def test_a_disk_that_fills_during_background_writes_ends_every_rank(tiny_dataset, tmp_path):
+    """A real full disk, no injected fault: the checkpoints on a 4 MiB ext4 (which takes the
+    writer's O_DIRECT writes, as the disks checkpoints go to do), room for one save of the tiny
+    model (about 2.1 MB) but not for two."""
+    run = tmp_path / "run"
+    with small_ext4(run / "checkpoints", mib=4) as root:
+        proc = run_train(safety_overrides(tiny_dataset, run, 4, trainer__async_save="true",
+                                          parallel__timeout_min=5),
+                         nproc=2, check=False, timeout=300)
+        assert proc.returncode != 0
+        assert "saved checkpoint" in proc.stdout + proc.stderr  # step 1's, in the background
+        ended = rank_errors(proc.stderr)
+        assert len(ended) == 2, proc.stderr[-4000:]
+        for text in ended:
+            assert text.startswith("saving step_00000002 failed on rank "), text
+            assert f"no space left on the device of {root} (" in text, text
+            assert "step_00000001 stays the latest checkpoint" in text
+        assert_previous_is_latest_and_loads(tiny_dataset, run, nproc=2)
+
+
+@pytest.mark.slow
 def test_a_rollback_waits_for_the_save_in_flight_and_returns_to_it(tiny_dataset, tmp_path):
     """Steps 3 and 4 bad while step 2's save is still being written (held): the rollback first
     finishes that save, then returns to it; without the wait no checkpoint from before the streak
@@ -199,6 +247,6 @@ def test_async_bench_times_both_saves(dist, tmp_path):
     from bench import bench_checkpoint as bc
 
     res = bc.run_async(bc.ASYNC_SHAPES["test"], rounds=1, workdir=str(tmp_path))
-    for seconds in (res.blocked, res.durable, res.step_after):
+    for seconds in (res.blocked, res.durable, res.step_after, {"copying": res.copying}):
         assert all(len(v) == 1 and v[0] > 0 for v in seconds.values()), seconds
-    assert len(res.rows()) == 3 and res.megabytes > 0 and list(tmp_path.iterdir()) == []
+    assert len(res.waiting) == 1 and len(res.rows()) == 5 and res.megabytes > 0 and list(tmp_path.iterdir()) == []

@@ -119,6 +119,32 @@ def test_without_o_direct_the_same_file_goes_through_the_page_cache(tmp_path, mo
     assert written.direct == 0 and written.buffered == total_bytes(state)
 
 
+def test_a_refused_direct_write_falls_back_to_the_page_cache(tmp_path, monkeypatch):
+    """A file system that opens with O_DIRECT but refuses the writes (EINVAL: a logical block
+    over 4096 bytes): the rest of the file goes through the page cache, the file is whole."""
+    real_pwrite, direct_fds = os.pwrite, set()
+    real_open = os.open
+
+    def open_(path, flags, *a):
+        fd = real_open(path, flags, *a)
+        if flags & os.O_DIRECT:
+            direct_fds.add(fd)
+        return fd
+
+    def pwrite(fd, data, offset):
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    state = a_state()
+    written = direct_write.save(state, str(tmp_path / "f.pt"))
+    monkeypatch.undo()
+    assert_same(state, torch.load(tmp_path / "f.pt", weights_only=True))
+    assert written.direct == 0 and written.buffered == total_bytes(state) and direct_fds
+
+
 def test_a_non_ascii_path_is_saved_by_torch_save(tmp_path):
     state = a_state()
     path = tmp_path / "prüfung" / "f.pt"

@@ -46,6 +46,7 @@ class DeepSpeedStep(StepModule):
         # DeepSpeed reports the pre-clip norm itself under ZeRO and its bf16/fp16 wrappers; fp32
         # ZeRO 0 computes it inside its clipping and drops it: computed here then, every step.
         self._own_grad_norm = not (e.zero_optimization() or e.bfloat16_enabled() or e.fp16_enabled())
+        self._saving: Optional[BackgroundWriter] = None  # copying this engine's tensors, maybe
         self._grad_norm: Optional[float] = None
 
     @property
@@ -76,6 +77,7 @@ class DeepSpeedStep(StepModule):
             if skipped is None and not math.isfinite(self._grad_norm):
                 skipped = SkipReason.NONFINITE_GRAD
         t_opt = time.perf_counter()
+        self.before_update()
         with discard_update(engine) if skipped else contextlib.nullcontext():
             engine.step()  # the boundary: the optimizer update
         opt_s = time.perf_counter() - t_opt
@@ -107,8 +109,18 @@ class DeepSpeedStep(StepModule):
     def save(self, root: Path, tag: str, client_state: Dict[str, Any],
              writer: Optional[BackgroundWriter] = None) -> None:
         save_engine(self.engine, Path(root), tag, client_state, writer)
+        self._saving = writer  # its thread may copy the engine's tensors until the next update
+
+    def before_update(self) -> None:
+        """The engine's tensors (weights, optimizer state) change after this: a background
+        save's copies of them must be made (the forward and backward passes before it leave
+        them alone, so on CPU the copies overlap those instead of stopping the loop)."""
+        if self._saving is not None:
+            self._saving.wait_staged()
+            self._saving = None
 
     def load(self, path: Path, load_optimizer: bool = True) -> Dict[str, Any]:
+        self.before_update()
         engine, path = self.engine, Path(path)
         base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer
         decay = [g["weight_decay"] for g in base.param_groups]

@@ -64,6 +64,7 @@ class PipelineStep(DeepSpeedStep):
         global_loss = self._loss_over_ranks(local_loss.reshape(1))
         skipped = veto(global_loss)
         t_opt = time.perf_counter()
+        self.before_update()
         with discard_update(engine) if skipped else contextlib.nullcontext():
             engine.step()  # the boundary: data-parallel reduction, clipping, the update
         opt_s = time.perf_counter() - t_opt
@@ -92,6 +93,7 @@ class PipelineStep(DeepSpeedStep):
     def load(self, path: Path, load_optimizer: bool = True) -> Dict[str, Any]:
         """A universal checkpoint (another layout's, pretrain.reshard) names every parameter as
         the whole model does: this stage's are looked up under their global names."""
+        self.before_update()
         if not self.engine.load_universal_checkpoint():
             return super().load(path, load_optimizer)
         from pretrain.reshard_pipeline import global_names
