@@ -7,6 +7,7 @@ The writes are held (PRETRAIN_FAULTS=slow_write@N) so that training runs on duri
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from pretrain.checkpoint import committed, damaged, find_latest, step_name
 from pretrain import faults
 from pretrain.checkpoint_writer import SLOW_STAGING_S, SLOW_WRITE_S, BackgroundWriter
 from tests.helpers.disks import small_ext4
-from tests.launch_helpers import REPO, cpu_env, read_metrics, run_train, tiny_overrides, train_cmd
+from tests.launch_helpers import (REPO, cpu_env, free_port, read_metrics, run_train,
+                                  tiny_overrides, train_cmd)
 from tests.test_checkpoint import assert_same_params, final_params, losses
 from tests.test_checkpoint_safety import assert_previous_is_latest_and_loads, rank_errors
 from tests.test_checkpoint_safety import overrides as safety_overrides
@@ -250,3 +252,17 @@ def test_async_bench_times_both_saves(dist, tmp_path):
     for seconds in (res.blocked, res.durable, res.step_after, {"copying": res.copying}):
         assert all(len(v) == 1 and v[0] > 0 for v in seconds.values()), seconds
     assert len(res.waiting) == 1 and len(res.rows()) == 5 and res.megabytes > 0 and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_the_readme_two_rank_bench_command_runs(tmp_path):
+    """README's `torchrun --nproc_per_node 2 -m bench.bench_checkpoint --only-async ...`, on the
+    test model: both ranks save, rank 0 prints the table."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",  # = torchrun
+           "--master-port", str(free_port()), "-m", "bench.bench_checkpoint", "--only-async",
+           "--async-shape", "test", "--async-rounds", "1", "--workdir", str(tmp_path)]
+    out = subprocess.run(cmd, cwd=REPO, env=cpu_env({}), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("trainer.async_save,") == 1 and "2 ranks (ZeRO-1)" in out.stdout
+    assert "loop blocked by a save" in out.stdout and list(tmp_path.iterdir()) == []
