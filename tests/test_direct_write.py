@@ -4,7 +4,6 @@ buffers, tails, no O_DIRECT, non-ASCII paths) goes through the page cache into t
 
 import errno
 import os
-from pathlib import Path
 
 import pytest
 import torch
