@@ -192,12 +192,15 @@ class AsyncResult:
         ]
 
 
-def run_async(shape: Shape, rounds: int = 3, workdir: Optional[str] = None) -> AsyncResult:
+def run_async(shape: Shape, rounds: int = 3, workdir: Optional[str] = None,
+              device: str = "cpu") -> AsyncResult:
     """Rounds of: a synchronous save then one step; a background save then steps until it is
     committed (polled at every step end, as the checkpoint callback does); one step without a
     save. The page cache is synced before each, outside the timing. One gloo rank, or the ranks
     torchrun started (ZeRO-1 data parallel: each stages and writes its own files at the same
-    time); the figures are rank 0's (the loop of every rank stops for the slowest)."""
+    time); the figures are rank 0's (the loop of every rank stops for the slowest). On
+    device="cuda" (one GPU, bench.gpu_check): bf16 with fp32 master weights, as GPU runs train."""
+    from bench.bench_throughput import device_dist
     from pretrain.checkpoint import Checkpointer, committed
     from pretrain.client_state import ClientState
     from pretrain.model.gpt import GPT
@@ -205,16 +208,21 @@ def run_async(shape: Shape, rounds: int = 3, workdir: Optional[str] = None) -> A
 
     quiet()
     cfg = our_config(shape, Ours())
-    dist = cpu_dist()
-    model = GPT(cfg.model, cfg.model.padded_vocab_size(1), 1, "cpu")
+    if device == "cuda":
+        cfg.parallel.device, cfg.trainer.precision = "cuda", "bf16"
+        cfg = cfg.validate(world_size=1, need_data=False)
+    dist = device_dist(device)
+    model = GPT(cfg.model, cfg.model.padded_vocab_size(1), 1, device, device=dist.device)
     module = build_step_module(model, cfg, dist)
-    tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq + 1))
+    tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq + 1), device=dist.device)
     count = [0]
 
     def step() -> float:
         count[0] += 1
         t0 = time.perf_counter()
         module.train_step(iter([tokens]), count[0], veto=lambda loss: None)
+        if device == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - t0
 
     step()

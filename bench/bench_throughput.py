@@ -110,7 +110,7 @@ def run(preset: str, tiny: bool = False, steps: Optional[int] = None, warmup: Op
     warmup = warmup if warmup is not None else (20 if on_gpu else 1)
     cfg = configure(preset, device_type, tiny, micro, max_micro, compile_model, recompute,
                     extra or [])
-    dist = _dist(device_type)
+    dist = device_dist(device_type)
     padded = cfg.model.padded_vocab_size(1)
     model = GPT(cfg.model, padded, 1, device_type, device=dist.device)  # built in place
     if cfg.trainer.compile:
@@ -147,7 +147,8 @@ def run(preset: str, tiny: bool = False, steps: Optional[int] = None, warmup: Op
                             float(loss), measured, planned)
 
 
-def _dist(device_type: str):
+def device_dist(device_type: str):
+    """One rank on the CPU (gloo) or on this machine's first GPU."""
     if device_type == "cpu":
         return cpu_dist()
     from pretrain.config import ParallelConfig

@@ -9,8 +9,10 @@ it), at the largest micro-batch pretrain-plan says fits; tokens/s, TFLOP/s, MFU,
 memory the step allocated beside the plan's prediction (their ratio; the planner's tests hold it
 within 10% at small scale on CPU, this is the check on a GPU). Sequence parallelism needs two
 GPUs (TP=2): with fewer it is reported as skipped, with two or more it runs TP=2 + SP against
-TP=1 through the real CLI. Bounded by --budget-s (default 420 s) so that the whole check,
-installation included (bench/gpu_check.sh), fits in 8 minutes.
+TP=1 through the real CLI. Then asynchronous checkpoint saves against synchronous ones of the
+same state (350M parameters, bf16 + fp32 master weights; `bench.bench_checkpoint.run_async`).
+The throughput part is bounded by --budget-s (default 420 s); the whole check, installation
+included (bench/gpu_check.sh), is bounded by the script's timeout.
 """
 
 from __future__ import annotations
@@ -59,7 +61,18 @@ def main(argv=None) -> int:
                                       f"skipped, it needs 2 GPUs (TP=2); {gpus} visible"))
     for r in results:
         print(json.dumps(asdict(r)))
+    check_async_save(args.dry)
     return 0
+
+
+def check_async_save(dry: bool) -> None:
+    """trainer.async_save on this device against a synchronous save of the same state: the loop's
+    block time, the step after the save, the write's speed (bench/bench_checkpoint.py)."""
+    from bench import bench_checkpoint as bc
+
+    shape = bc.ASYNC_SHAPES["test" if dry else "350m"]
+    res = bc.run_async(shape, rounds=1 if dry else 3, device="cpu" if dry else "cuda")
+    bc.print_async(res, 1 if dry else 3)
 
 
 if __name__ == "__main__":

@@ -108,6 +108,7 @@ def test_gpu_check_script_dry_path(tmp_path):
     assert [r["preset"] for r in results] == ["gpt2-124m (tiny)", "gpt-1.3b (tiny)"]
     assert all(r["tokens_per_s"] > 0 and r["planned_gib"] > 0 for r in results)
     assert "sequence parallelism: skipped, it needs 2 GPUs" in proc.stdout
+    assert "trainer.async_save," in proc.stdout and "loop blocked by a save" in proc.stdout
 
 
 def test_loader_bench_reads_what_the_peer_reads(tmp_path):
