@@ -9,8 +9,9 @@ in the writes or in rank 0's commit, is agreed on (an all-reduce, then the faili
 broadcast) and ends every rank with the same CheckpointError, a full disk saying so.
 
 A background save (trainer.async_save; Checkpointer's doc) stages the state in host memory and
-returns; its files are written by a thread per rank (pretrain.checkpoint_writer), and the same
-commit happens at a later step boundary, once the ranks agree that every writer is done.
+returns; its files are written by a thread per save on each rank (pretrain.checkpoint_writer),
+and the same commit happens at a later step boundary, once the ranks agree that every writer is
+done.
 
 Nothing is unpickled beyond tensors, containers and primitives plus the few DeepSpeed classes its
 files hold (torch's weights-only loading, pretrain.safe_load): a planted `.pt` whose unpickling

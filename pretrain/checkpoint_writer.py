@@ -79,7 +79,6 @@ class BackgroundWriter:
         self.staging_seconds = 0.0  # the caller's time in submit()
         self.copy_seconds = 0.0  # the thread's time copying (copies deferred to it)
         self.staging_wait_seconds = 0.0  # the caller's time in wait_staged()
-        self.written = direct_write.Written()  # this save's tensor bytes, direct and buffered
 
     def begin(self, step: int) -> None:
         """A new save: its step (fault drills), cleared error and clocks. Only when idle."""
@@ -87,7 +86,6 @@ class BackgroundWriter:
         self.step, self.error, self._files = step, None, []
         self.write_seconds = self.staging_seconds = 0.0
         self.copy_seconds = self.staging_wait_seconds = 0.0
-        self.written = direct_write.Written()
 
     def submit(self, state: Any, path: str) -> None:
         """Stage `state` (see the module doc) for a write to `path`; written after start()."""
@@ -202,9 +200,7 @@ class BackgroundWriter:
             time.sleep(SLOW_WRITE_S)
         if faults.active("enospc_in_write", step, self.rank):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-        written = direct_write.save(staged, path)
-        self.written.direct += written.direct
-        self.written.buffered += written.buffered
+        direct_write.save(staged, path)
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
